@@ -1,0 +1,145 @@
+//! Training throughput on this machine, batch 128: the 784-1200-1200-10 net
+//! with dropout (0.2 input, 0.5 hidden) and max-norm, the 784-800-800-10 net
+//! on hard labels, and the 800-800 distillation step at T = 20; plus the
+//! machine's matrix-multiply rate measured in the same run, as a reference.
+//!
+//! ```text
+//! cargo bench -p distill --bench train_throughput [-- --steps 200]
+//! ```
+//!
+//! Prints one JSON object. Synthetic random inputs are used: the cost of a
+//! step does not depend on pixel values.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use common::dataset::{Dataset, Normalization};
+use common::seed::{self, Stream};
+use common::transfer::TransferSet;
+use distill::hparams::{DistillConfig, EpochSelection, TrainConfig};
+use distill::model::{Mlp, MlpSpec};
+use distill::teacher::write_transfer_set;
+use distill::train::{train, Targets};
+use rand::Rng;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BATCH: usize = 128;
+
+fn main() -> anyhow::Result<()> {
+    let steps: usize = std::env::args()
+        .skip_while(|a| a != "--steps")
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(150);
+    let device = Device::Cpu;
+    let data = random_mnist_like(steps * BATCH)?;
+    let validation = random_mnist_like(BATCH)?;
+    let gflops = matmul_gflops(&device)?;
+
+    let teacher_cfg = TrainConfig {
+        epochs: 1,
+        warmup_epochs: 0,
+        input_dropout: 0.2,
+        hidden_dropout: 0.5,
+        max_norm: Some(4.0),
+        select: EpochSelection::Last,
+        ..TrainConfig::default()
+    };
+    let plain_cfg = TrainConfig {
+        input_dropout: 0.0,
+        hidden_dropout: 0.0,
+        max_norm: None,
+        ..teacher_cfg.clone()
+    };
+    let large = MlpSpec::new(784, vec![1200, 1200], 10)?;
+    let small = MlpSpec::new(784, vec![800, 800], 10)?;
+    let teacher = examples_per_second(
+        &large,
+        &data,
+        &validation,
+        Targets::Labels,
+        &teacher_cfg,
+        &device,
+    )?;
+    let student_hard = examples_per_second(
+        &small,
+        &data,
+        &validation,
+        Targets::Labels,
+        &plain_cfg,
+        &device,
+    )?;
+
+    let dir = tempfile::tempdir()?;
+    let t = Mlp::new_random(large.clone(), &mut seed::rng(9, Stream::Init), &device)?;
+    let started = Instant::now();
+    write_transfer_set(&[("t", &t)], &data, dir.path(), 10_000, &device)?;
+    let inference = data.len() as f64 / started.elapsed().as_secs_f64();
+    let set = TransferSet::open(dir.path())?;
+    let distill_cfg = DistillConfig::default();
+    let targets = Targets::Transfer {
+        set: &set,
+        distill: &distill_cfg,
+    };
+    let distill_step =
+        examples_per_second(&small, &data, &validation, targets, &plain_cfg, &device)?;
+
+    let report = serde_json::json!({
+        "batch": BATCH,
+        "steps": steps,
+        "threads": candle_core::utils::get_num_threads(),
+        "matmul_gflops_2048": gflops,
+        "examples_per_second": {
+            "teacher_1200_1200_dropout": teacher,
+            "mlp_800_800_hard": student_hard,
+            "distill_800_800_T20": distill_step,
+            "teacher_inference_1200_1200": inference,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn random_mnist_like(n: usize) -> anyhow::Result<Dataset> {
+    let mut rng = seed::rng(3, Stream::Synthetic);
+    let features = (0..n * 784).map(|_| rng.random::<f32>()).collect();
+    let labels = (0..n).map(|_| rng.random_range(0..10u32)).collect();
+    Ok(Dataset::new(
+        "bench",
+        features,
+        labels,
+        784,
+        10,
+        Some((28, 28)),
+        Normalization::DivideBy255,
+    )?)
+}
+
+fn examples_per_second(
+    spec: &MlpSpec,
+    data: &Dataset,
+    validation: &Dataset,
+    targets: Targets<'_>,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let model = Mlp::new_random(spec.clone(), &mut seed::rng(1, Stream::Init), device)?;
+    let report = train(&model, data, validation, targets, cfg, device, |_| {})?;
+    Ok(report.epochs[0].examples_per_second)
+}
+
+fn matmul_gflops(device: &Device) -> anyhow::Result<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?.sum_all()?.to_dtype(DType::F32)?;
+    let reps = 5;
+    let started = Instant::now();
+    for _ in 0..reps {
+        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    }
+    Ok(2.0 * (n as f64).powi(3) * reps as f64 / started.elapsed().as_secs_f64() / 1e9)
+}

@@ -1,0 +1,129 @@
+//! Evaluation: logits over a dataset, errors, accuracy, per-class errors and
+//! the confusion matrix.
+
+use candle_core::{DType, Device, Tensor, D};
+use common::dataset::Dataset;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Mlp;
+use crate::Result;
+
+/// Rows per inference batch.
+pub const INFERENCE_BATCH: usize = 1024;
+
+/// How well a model classifies a dataset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Misclassified examples.
+    pub errors: usize,
+    /// Examples evaluated.
+    pub total: usize,
+    /// Misclassified examples per true class.
+    pub per_class_errors: Vec<usize>,
+    /// Examples per true class.
+    pub per_class_totals: Vec<usize>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+impl Evaluation {
+    /// Tallies predictions against labels over `num_classes` classes.
+    pub fn from_predictions(labels: &[u32], predicted: &[u32], num_classes: usize) -> Self {
+        let mut confusion = vec![vec![0; num_classes]; num_classes];
+        for (&l, &p) in labels.iter().zip(predicted) {
+            confusion[l as usize][p as usize] += 1;
+        }
+        let per_class_totals: Vec<usize> = confusion.iter().map(|row| row.iter().sum()).collect();
+        let per_class_errors: Vec<usize> = confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| per_class_totals[c] - row[c])
+            .collect();
+        Evaluation {
+            errors: per_class_errors.iter().sum(),
+            total: labels.len(),
+            per_class_errors,
+            per_class_totals,
+            confusion,
+        }
+    }
+
+    /// Fraction classified correctly.
+    pub fn accuracy(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        1.0 - self.errors as f64 / self.total as f64
+    }
+}
+
+/// Calls `f` with the inputs of consecutive batches of `data` as tensors of
+/// at most [`INFERENCE_BATCH`] rows.
+fn for_each_batch(
+    data: &Dataset,
+    device: &Device,
+    mut f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let dim = data.dim();
+    for start in (0..data.len()).step_by(INFERENCE_BATCH) {
+        let end = (start + INFERENCE_BATCH).min(data.len());
+        let x = Tensor::from_slice(
+            &data.features()[start * dim..end * dim],
+            (end - start, dim),
+            device,
+        )?;
+        f(start..end, &x)?;
+    }
+    Ok(())
+}
+
+/// The model's logits for every example, row-major `[len, classes]`.
+pub fn predict_logits(model: &Mlp, data: &Dataset, device: &Device) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(data.len() * model.spec().num_classes);
+    for_each_batch(data, device, |_, x| {
+        out.extend(model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The arg-max class of each row of `[rows, classes]` logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?)
+}
+
+/// Evaluates `model` on `data`.
+pub fn evaluate(model: &Mlp, data: &Dataset, device: &Device) -> Result<Evaluation> {
+    let mut predicted = Vec::with_capacity(data.len());
+    for_each_batch(data, device, |_, x| {
+        predicted.extend(argmax_rows(&model.forward(x)?)?);
+        Ok(())
+    })?;
+    Ok(Evaluation::from_predictions(
+        data.labels(),
+        &predicted,
+        data.num_classes(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_errors_per_class_and_confusion() {
+        let e = Evaluation::from_predictions(&[0, 0, 1, 2, 2, 2], &[0, 1, 1, 2, 0, 2], 3);
+        assert_eq!(e.errors, 2);
+        assert_eq!(e.total, 6);
+        assert_eq!(e.per_class_errors, vec![1, 0, 1]);
+        assert_eq!(e.per_class_totals, vec![2, 1, 3]);
+        assert_eq!(
+            e.confusion,
+            vec![vec![1, 1, 0], vec![0, 1, 0], vec![1, 0, 2]]
+        );
+        assert!((e.accuracy() - 4.0 / 6.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,181 @@
+//! Model files: safetensors with the architecture, input normalisation and
+//! tensor layout in the metadata, so that a model can be loaded again by us
+//! and by Python (`safetensors` + `numpy`, or PyTorch's `nn.Linear`).
+//!
+//! Tensors: `layers.{i}.weight` F32 `[out, in]` and `layers.{i}.bias` F32
+//! `[out]`, input side first. Metadata keys: `format`, `architecture` (JSON
+//! of [`MlpSpec`]), `activation`, `input_normalization`, `layout`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use common::atomic_file::write_atomic;
+use common::dataset::Normalization;
+
+use crate::model::{Dense, Mlp, MlpSpec};
+use crate::{Error, Result};
+
+/// The `format` metadata value of model files this code writes.
+pub const MODEL_FORMAT: &str = "distill-mlp/1";
+const LAYOUT: &str = "layers.{i}.weight is F32 [out, in] row-major, layers.{i}.bias is F32 [out]; \
+    h = relu(x @ weight.T + bias) for every layer but the last, whose output are the logits";
+
+/// A model with the facts needed to use it.
+#[derive(Clone, Debug)]
+pub struct SavedModel {
+    /// The network.
+    pub model: Mlp,
+    /// How inputs must be normalised before they are fed to it.
+    pub normalization: Normalization,
+}
+
+/// The bytes of a model file (deterministic for given weights).
+pub fn to_bytes(model: &Mlp, normalization: Normalization) -> Result<Vec<u8>> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (i, layer) in model.layers().iter().enumerate() {
+        tensors.push((
+            format!("layers.{i}.weight"),
+            layer.weight.as_tensor().to_device(&Device::Cpu)?,
+        ));
+        tensors.push((
+            format!("layers.{i}.bias"),
+            layer.bias.as_tensor().to_device(&Device::Cpu)?,
+        ));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), MODEL_FORMAT.to_string()),
+        (
+            "architecture".to_string(),
+            serde_json::to_string(model.spec()).expect("spec serialises"),
+        ),
+        ("activation".to_string(), "relu".to_string()),
+        (
+            "input_normalization".to_string(),
+            serde_json::to_string(&normalization).expect("normalization serialises"),
+        ),
+        ("layout".to_string(), LAYOUT.to_string()),
+    ]);
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+            .map_err(|e| Error::invalid("model", format!("cannot serialise: {e}")))?;
+    Ok(with_sorted_header(bytes))
+}
+
+/// safetensors writes metadata in a `HashMap`'s random order; rewrite the
+/// JSON header with sorted keys (same length, same padding) so that equal
+/// models give equal bytes.
+fn with_sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header = &bytes[8..8 + header_len];
+    let mut top: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).expect("safetensors wrote a JSON header");
+    if let Some(meta) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(meta.take()).expect("metadata is an object");
+        *meta = serde_json::to_value(sorted).expect("metadata serialises");
+    }
+    let mut json = serde_json::to_vec(&top).expect("header serialises");
+    assert!(
+        json.len() <= header_len,
+        "a reordered header has the same length"
+    );
+    json.resize(header_len, b' ');
+    bytes[8..8 + header_len].copy_from_slice(&json);
+    bytes
+}
+
+/// Writes `model` to `path` atomically.
+pub fn save(model: &Mlp, normalization: Normalization, path: &Path) -> Result<()> {
+    write_atomic(path, &to_bytes(model, normalization)?)?;
+    Ok(())
+}
+
+/// Loads a model file written by [`save`] onto `device`.
+pub fn load(path: &Path, device: &Device) -> Result<SavedModel> {
+    let bytes = std::fs::read(path).map_err(|e| common::Error::io(path, e))?;
+    from_bytes(&bytes, path, device)
+}
+
+/// Parses the bytes of a model file; `path` names it in messages.
+pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<SavedModel> {
+    let bad = |reason: String| Error::Common(common::Error::format(path, reason));
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let get = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| bad(format!("metadata key {key:?} is missing")))
+    };
+    if get("format")? != MODEL_FORMAT {
+        return Err(bad(format!(
+            "format {:?} is not {MODEL_FORMAT:?}",
+            get("format")?
+        )));
+    }
+    let spec: MlpSpec = serde_json::from_str(get("architecture")?)
+        .map_err(|e| bad(format!("architecture metadata: {e}")))?;
+    let normalization: Normalization = serde_json::from_str(get("input_normalization")?)
+        .map_err(|e| bad(format!("input_normalization metadata: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
+    let take = |name: String| {
+        tensors
+            .get(&name)
+            .ok_or_else(|| bad(format!("tensor {name:?} is missing")))
+            .and_then(|t| Ok(Var::from_tensor(t)?))
+    };
+    let layers = (0..spec.layer_dims().len())
+        .map(|i| {
+            Ok(Dense {
+                weight: take(format!("layers.{i}.weight"))?,
+                bias: take(format!("layers.{i}.bias"))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let model = Mlp::from_layers(spec, layers).map_err(|e| bad(e.to_string()))?;
+    Ok(SavedModel {
+        model,
+        normalization,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::seed::{self, Stream};
+
+    #[test]
+    fn round_trips_weights_and_metadata() {
+        let dev = Device::Cpu;
+        let spec = MlpSpec::new(5, vec![4, 3], 2).unwrap();
+        let m = Mlp::new_random(spec.clone(), &mut seed::rng(2, Stream::Init), &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        save(&m, Normalization::DivideBy255, &path).unwrap();
+        let back = load(&path, &dev).unwrap();
+        assert_eq!(back.model.spec(), &spec);
+        assert_eq!(back.normalization, Normalization::DivideBy255);
+        let x = Tensor::ones((2, 5), candle_core::DType::F32, &dev).unwrap();
+        let a = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let b = back.model.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            to_bytes(&m, Normalization::DivideBy255).unwrap(),
+            std::fs::read(&path).unwrap()
+        );
+    }
+
+    #[test]
+    fn garbage_and_foreign_files_are_rejected_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.safetensors");
+        std::fs::write(&path, b"not a model").unwrap();
+        let e = load(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("junk.safetensors"), "{e}");
+        let t = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let bytes = safetensors::serialize([("x", &t)], None).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let e = load(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("format") && e.contains("missing"), "{e}");
+    }
+}

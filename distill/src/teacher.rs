@@ -1,0 +1,55 @@
+//! Teacher inference into a transfer set: every teacher's logits for every
+//! transfer example, written shard by shard.
+
+use std::path::Path;
+
+use candle_core::Device;
+use common::dataset::{chunk_ranges, Dataset};
+use common::transfer::{Manifest, TransferSetWriter};
+
+use crate::eval::predict_logits;
+use crate::model::Mlp;
+use crate::{Error, Result};
+
+/// Runs each `(id, model)` teacher over `data` and writes their logits to a
+/// new transfer set in `dir`, `rows_per_shard` examples per shard.
+pub fn write_transfer_set(
+    teachers: &[(&str, &Mlp)],
+    data: &Dataset,
+    dir: &Path,
+    rows_per_shard: usize,
+    device: &Device,
+) -> Result<Manifest> {
+    for (id, t) in teachers {
+        if t.spec().input_dim != data.dim() || t.spec().num_classes != data.num_classes() {
+            return Err(Error::invalid(
+                "teacher",
+                format!(
+                    "{id} ({}) does not fit {} ({} features, {} classes)",
+                    t.spec().describe(),
+                    data.name(),
+                    data.dim(),
+                    data.num_classes()
+                ),
+            ));
+        }
+    }
+    let ids = teachers.iter().map(|(id, _)| id.to_string()).collect();
+    let mut writer = TransferSetWriter::create(
+        dir,
+        &data.fingerprint(),
+        data.len(),
+        data.num_classes(),
+        ids,
+    )?;
+    for range in chunk_ranges(data.len(), rows_per_shard)? {
+        let part = data.slice(range)?;
+        let logits = teachers
+            .iter()
+            .map(|(_, t)| predict_logits(t, &part, device))
+            .collect::<Result<Vec<_>>>()?;
+        let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
+        writer.write_shard(&views)?;
+    }
+    Ok(writer.finish()?)
+}

@@ -1,0 +1,328 @@
+//! The training loop: mini-batch SGD with momentum on hard labels or on the
+//! soft targets of a transfer set, with dropout, jitter, max-norm and a
+//! warm-up + cosine learning-rate schedule, validating after every epoch.
+//!
+//! Every random choice comes from streams derived from `TrainConfig::seed`
+//! (shuffling, dropout masks, jitter), so the same seed and thread count give
+//! bit-identical weights on CPU. A transfer set is read one shard at a time
+//! (shards in random order, rows shuffled within a shard), so it may be
+//! larger than memory.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use common::dataset::Dataset;
+use common::seed::{self, ChaCha8Rng, Stream};
+use common::transfer::TransferSet;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::jitter_images;
+use crate::eval::evaluate;
+use crate::hparams::{DistillConfig, EpochSelection, TrainConfig};
+use crate::loss::{distillation_loss, hard_cross_entropy};
+use crate::model::{sample_dropout_masks, Dropout, Mlp};
+use crate::optim::SgdMomentum;
+use crate::schedule::LrSchedule;
+use crate::{Error, Result};
+
+/// What the model learns to predict.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    /// The training set's labels.
+    Labels,
+    /// The soft targets of a transfer set made for the training set.
+    Transfer {
+        /// The transfer set (its dataset fingerprint must match).
+        set: &'a TransferSet,
+        /// Temperature, hard-label weight, ensemble combination.
+        distill: &'a DistillConfig,
+    },
+}
+
+/// What happened in one epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub mean_loss: f64,
+    /// Errors on the validation split after the epoch.
+    pub validation_errors: usize,
+    /// Learning rate of the epoch's last step.
+    pub learning_rate: f64,
+    /// Wall-clock seconds of the epoch's training steps (without validation).
+    pub seconds: f64,
+    /// Training examples per second.
+    pub examples_per_second: f64,
+}
+
+/// The history of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// One entry per epoch.
+    pub epochs: Vec<EpochStats>,
+    /// The epoch whose weights the model holds at the end (1-based).
+    pub selected_epoch: usize,
+}
+
+impl TrainReport {
+    /// Mean seconds per epoch of training steps.
+    pub fn seconds_per_epoch(&self) -> f64 {
+        self.epochs.iter().map(|e| e.seconds).sum::<f64>() / self.epochs.len().max(1) as f64
+    }
+}
+
+/// One mini-batch on the host.
+struct Batch {
+    inputs: Vec<f32>,
+    labels: Vec<u32>,
+    soft: Option<Vec<f32>>,
+}
+
+/// Trains `model` on `train` towards `targets`, validating on `validation`
+/// after each epoch; `on_epoch` sees each epoch's statistics. On return the
+/// model holds the weights chosen by `cfg.select`.
+pub fn train(
+    model: &Mlp,
+    train: &Dataset,
+    validation: &Dataset,
+    targets: Targets<'_>,
+    cfg: &TrainConfig,
+    device: &Device,
+    mut on_epoch: impl FnMut(&EpochStats),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    check_compatible(model, train, validation, targets, cfg)?;
+    let steps_per_epoch = match targets {
+        Targets::Labels => train.len().div_ceil(cfg.batch_size),
+        Targets::Transfer { set, .. } => set
+            .manifest()
+            .shards
+            .iter()
+            .map(|s| s.rows.div_ceil(cfg.batch_size))
+            .sum(),
+    };
+    let schedule = LrSchedule::new(
+        cfg.learning_rate,
+        cfg.warmup_epochs * steps_per_epoch,
+        cfg.epochs * steps_per_epoch,
+        cfg.final_lr_fraction,
+    )?;
+    let mut step = Stepper {
+        model,
+        optimizer: SgdMomentum::new(model.vars(), cfg.momentum, cfg.weight_decay, cfg.nesterov)?,
+        schedule,
+        cfg,
+        targets,
+        device,
+        dropout_rng: seed::rng(cfg.seed, Stream::Dropout),
+        jitter_rng: seed::rng(cfg.seed, Stream::Jitter),
+        image_shape: train.image_shape(),
+        step: 0,
+        loss_sum: 0.0,
+        lr: 0.0,
+    };
+    let mut shuffle_rng = seed::rng(cfg.seed, Stream::Shuffle);
+    let mut report = TrainReport {
+        epochs: Vec::with_capacity(cfg.epochs),
+        selected_epoch: cfg.epochs,
+    };
+    let mut best: Option<(usize, Vec<Tensor>)> = None;
+    for epoch in 1..=cfg.epochs {
+        let started = Instant::now();
+        let steps_before = step.step;
+        step.loss_sum = 0.0;
+        match targets {
+            Targets::Labels => {
+                let mut order: Vec<usize> = (0..train.len()).collect();
+                order.shuffle(&mut shuffle_rng);
+                for chunk in order.chunks(cfg.batch_size) {
+                    step.run(gather(train, chunk, None))?;
+                }
+            }
+            Targets::Transfer { set, distill } => {
+                let mut shard_order: Vec<usize> = (0..set.num_shards()).collect();
+                shard_order.shuffle(&mut shuffle_rng);
+                for s in shard_order {
+                    let shard = set.read_shard(s)?;
+                    let soft = shard.soft_targets(distill.temperature, distill.combine)?;
+                    let mut rows: Vec<usize> = (0..shard.rows).collect();
+                    rows.shuffle(&mut shuffle_rng);
+                    for chunk in rows.chunks(cfg.batch_size) {
+                        let indices: Vec<usize> = chunk.iter().map(|r| shard.start + r).collect();
+                        step.run(gather(
+                            train,
+                            &indices,
+                            Some((&soft, chunk, shard.num_classes)),
+                        ))?;
+                    }
+                }
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let validation_errors = evaluate(model, validation, device)?.errors;
+        let stats = EpochStats {
+            epoch,
+            mean_loss: step.loss_sum / (step.step - steps_before).max(1) as f64,
+            validation_errors,
+            learning_rate: step.lr,
+            seconds,
+            examples_per_second: train.len() as f64 / seconds,
+        };
+        tracing::info!(
+            epoch,
+            loss = stats.mean_loss,
+            validation_errors,
+            seconds,
+            "epoch done"
+        );
+        on_epoch(&stats);
+        report.epochs.push(stats);
+        if cfg.select == EpochSelection::BestValidation
+            && best
+                .as_ref()
+                .is_none_or(|(e, _)| validation_errors <= report.epochs[e - 1].validation_errors)
+        {
+            let snapshot = model
+                .vars()
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
+            best = Some((epoch, snapshot));
+        }
+    }
+    if let Some((epoch, snapshot)) = best {
+        for (var, saved) in model.vars().iter().zip(&snapshot) {
+            var.set(saved)?;
+        }
+        report.selected_epoch = epoch;
+    }
+    Ok(report)
+}
+
+/// The state that one optimisation step needs.
+struct Stepper<'a> {
+    model: &'a Mlp,
+    optimizer: SgdMomentum,
+    schedule: LrSchedule,
+    cfg: &'a TrainConfig,
+    targets: Targets<'a>,
+    device: &'a Device,
+    dropout_rng: ChaCha8Rng,
+    jitter_rng: ChaCha8Rng,
+    image_shape: Option<(usize, usize)>,
+    step: usize,
+    loss_sum: f64,
+    lr: f64,
+}
+
+impl Stepper<'_> {
+    fn run(&mut self, mut batch: Batch) -> Result<()> {
+        let spec = self.model.spec();
+        let rows = batch.labels.len();
+        if let (Some((h, w)), true) = (self.image_shape, self.cfg.jitter_pixels > 0) {
+            jitter_images(
+                &mut batch.inputs,
+                h,
+                w,
+                self.cfg.jitter_pixels,
+                &mut self.jitter_rng,
+            );
+        }
+        let x = Tensor::from_vec(batch.inputs, (rows, spec.input_dim), self.device)?;
+        let labels = Tensor::from_vec(batch.labels, rows, self.device)?;
+        let dropout = Dropout {
+            input: self.cfg.input_dropout,
+            hidden: self.cfg.hidden_dropout,
+        };
+        let masks = sample_dropout_masks(spec, rows, dropout, &mut self.dropout_rng, self.device)?;
+        let logits = self.model.forward_with_masks(&x, &masks)?;
+        let loss = match (self.targets, batch.soft) {
+            (Targets::Transfer { distill, .. }, Some(soft)) => {
+                let soft = Tensor::from_vec(soft, (rows, spec.num_classes), self.device)?;
+                distillation_loss(
+                    &logits,
+                    &soft,
+                    &labels,
+                    distill.temperature,
+                    distill.hard_weight,
+                )?
+            }
+            _ => hard_cross_entropy(&logits, &labels)?,
+        };
+        self.lr = self.schedule.lr(self.step);
+        self.optimizer.step(&loss.backward()?, self.lr)?;
+        if let Some(c) = self.cfg.max_norm {
+            self.model.apply_max_norm(c)?;
+        }
+        self.loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        self.step += 1;
+        Ok(())
+    }
+}
+
+/// The host-side batch of the examples at `indices`, with the soft-target
+/// rows `soft.1` of the shard's targets `soft.0` when distilling.
+fn gather(data: &Dataset, indices: &[usize], soft: Option<(&[f32], &[usize], usize)>) -> Batch {
+    let mut inputs = Vec::with_capacity(indices.len() * data.dim());
+    for &i in indices {
+        inputs.extend_from_slice(data.example(i));
+    }
+    Batch {
+        inputs,
+        labels: indices.iter().map(|&i| data.labels()[i]).collect(),
+        soft: soft.map(|(targets, rows, classes)| {
+            rows.iter()
+                .flat_map(|&r| &targets[r * classes..(r + 1) * classes])
+                .copied()
+                .collect()
+        }),
+    }
+}
+
+fn check_compatible(
+    model: &Mlp,
+    train: &Dataset,
+    validation: &Dataset,
+    targets: Targets<'_>,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let spec = model.spec();
+    for data in [train, validation] {
+        if data.dim() != spec.input_dim || data.num_classes() != spec.num_classes {
+            return Err(Error::invalid(
+                "dataset",
+                format!(
+                    "{} has {} features and {} classes, the model {} expects {} and {}",
+                    data.name(),
+                    data.dim(),
+                    data.num_classes(),
+                    spec.describe(),
+                    spec.input_dim,
+                    spec.num_classes
+                ),
+            ));
+        }
+    }
+    if train.is_empty() || validation.is_empty() {
+        return Err(Error::invalid(
+            "dataset",
+            "training and validation sets must not be empty",
+        ));
+    }
+    if cfg.jitter_pixels > 0 && train.image_shape().is_none() {
+        return Err(Error::invalid(
+            "jitter_pixels",
+            format!(
+                "{} is not an image dataset; set jitter_pixels = 0",
+                train.name()
+            ),
+        ));
+    }
+    if let Targets::Transfer { set, distill } = targets {
+        distill.validate()?;
+        set.check_dataset(train)?;
+    }
+    Ok(())
+}
