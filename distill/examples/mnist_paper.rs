@@ -16,9 +16,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use common::dataset::{idx, Splits};
+use distill::device::DeviceChoice;
 use distill::experiment::{self, ExperimentConfig, ModelPlan};
 use distill::hparams::{DistillConfig, TrainConfig};
 use distill::model::MlpSpec;
@@ -68,6 +68,9 @@ struct Args {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Train on this CUDA GPU instead of the CPU (needs `--features distill/cuda`).
+    #[arg(long)]
+    gpu: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -153,7 +156,8 @@ fn main() -> Result<()> {
         out: args.out.clone(),
         resume: args.resume,
     };
-    let outcomes = experiment::run(&cfg, &splits, &Device::Cpu, |role, e| {
+    let device = distill::device::select(args.gpu.map_or(DeviceChoice::Cpu, DeviceChoice::Gpu))?;
+    let outcomes = experiment::run(&cfg, &splits, &device, |role, e| {
         println!(
             "  {role} epoch {:3}: loss {:.4}  validation errors {:4}  {:.1} s ({:.0} examples/s)",
             e.epoch, e.mean_loss, e.validation_errors, e.seconds, e.examples_per_second

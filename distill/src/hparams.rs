@@ -183,7 +183,7 @@ mod tests {
 
     fn invalid_field(cfg: TrainConfig) -> String {
         match cfg.validate().unwrap_err() {
-            Error::Invalid { name, .. } => name,
+            Error::Common(common::Error::Invalid { name, .. }) => name,
             other => panic!("unexpected error {other}"),
         }
     }

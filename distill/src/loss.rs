@@ -30,6 +30,22 @@ pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor, temperature: f64) -
 
 /// The distillation loss (see the module documentation). `labels` is only
 /// used when `hard_weight > 0`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use distill::loss::distillation_loss;
+/// let dev = Device::Cpu;
+/// let student = Tensor::new(&[[2.0f32, 0.0]], &dev)?;
+/// // Soft targets equal to the student's own distribution at T = 2 leave
+/// // only the entropy: T^2 * H(softmax([1, 0])).
+/// let p = candle_nn::ops::softmax_last_dim(&(&student / 2.0)?)?;
+/// let labels = Tensor::new(&[0u32], &dev)?;
+/// let loss = distillation_loss(&student, &p, &labels, 2.0, 0.0)?.to_scalar::<f32>()?;
+/// let q: f32 = 1.0 / (1.0 + (-1.0f32).exp());
+/// let entropy = -(q * q.ln() + (1.0 - q) * (1.0 - q).ln());
+/// assert!((loss - 4.0 * entropy).abs() < 1e-5);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn distillation_loss(
     logits: &Tensor,
     soft_targets: &Tensor,

@@ -21,6 +21,15 @@ pub enum EnsembleCombine {
 /// Soft targets for `rows` examples: `members[k]` holds teacher k's logits
 /// (`rows * classes`, row-major); the result is `rows * classes`
 /// probabilities, each row summing to 1. Computed in f64 and rounded once.
+///
+/// ```
+/// use common::transfer::{soft_targets, EnsembleCombine};
+/// // One example, two classes, two teachers; at T = 1 the arithmetic mean
+/// // of their softmax outputs.
+/// let (a, b): (&[f32], &[f32]) = (&[0.0, 2.0], &[2.0, 0.0]);
+/// let p = soft_targets(&[a, b], 2, 1.0, EnsembleCombine::Arithmetic).unwrap();
+/// assert!((p[0] - 0.5).abs() < 1e-6 && (p[1] - 0.5).abs() < 1e-6);
+/// ```
 pub fn soft_targets(
     members: &[&[f32]],
     classes: usize,
@@ -36,7 +45,9 @@ pub fn soft_targets(
     let first = members
         .first()
         .ok_or_else(|| Error::invalid("ensemble", "no teacher logits given"))?;
-    if classes == 0 || !first.len().is_multiple_of(classes) || members.iter().any(|m| m.len() != first.len())
+    if classes == 0
+        || !first.len().is_multiple_of(classes)
+        || members.iter().any(|m| m.len() != first.len())
     {
         return Err(Error::invalid(
             "teacher logits",

@@ -95,7 +95,10 @@ impl TransferSetWriter {
             ));
         }
         let values = logits[0].len();
-        if values == 0 || !values.is_multiple_of(classes) || logits.iter().any(|l| l.len() != values) {
+        if values == 0
+            || !values.is_multiple_of(classes)
+            || logits.iter().any(|l| l.len() != values)
+        {
             return Err(Error::invalid(
                 "shard logits",
                 format!(

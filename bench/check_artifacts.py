@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Reads our artifacts with nothing but numpy + safetensors, as a user would.
+
+Given the output folder of `mnist_paper` (report.json, *.safetensors models,
+transfer-<fingerprint>/), it
+  * loads each model file, checks its metadata, runs its forward pass in
+    numpy on the MNIST test set and compares the error count with the one
+    in report.json (they must agree exactly, up to float ties);
+  * verifies every transfer-set shard's sha256 against manifest.json and
+    checks tensor names, dtypes, shapes and example ranges.
+
+usage: python3 bench/check_artifacts.py OUT_DIR [MNIST_DIR]
+"""
+import gzip
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+
+def read_idx(path):
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    ndims = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndims).reshape(dims)
+
+
+def load_model(path):
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    assert meta["format"] == "distill-mlp/1", meta
+    arch = json.loads(meta["architecture"])
+    assert meta["activation"] == "relu"
+    tensors = load_file(str(path))
+    layers = []
+    sizes = [arch["input_dim"], *arch["hidden"], arch["num_classes"]]
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        w, b = tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"]
+        assert w.shape == (fan_out, fan_in) and b.shape == (fan_out,), (w.shape, b.shape)
+        layers.append((w.astype(np.float64), b.astype(np.float64)))
+    return layers, json.loads(meta["input_normalization"])
+
+
+def forward(layers, x):
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.T + b
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0.0)
+    return x
+
+
+def check_transfer_set(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["dtype"] == "F32"
+    rows = 0
+    for shard in manifest["shards"]:
+        data = (folder / shard["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"], shard["file"]
+        tensors = load_file(str(folder / shard["file"]))
+        idx = tensors["example_index"]
+        assert idx.dtype == np.int64 and list(idx) == list(range(shard["start"], shard["end"]))
+        for t in manifest["teachers"]:
+            logits = tensors[f"logits.{t}"]
+            assert logits.dtype == np.float32 and logits.shape == (shard["rows"], manifest["num_classes"])
+            assert np.isfinite(logits).all()
+        rows += shard["rows"]
+    assert rows == manifest["num_examples"]
+    return len(manifest["shards"]), rows
+
+
+def main():
+    out = Path(sys.argv[1])
+    mnist = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(
+        os.environ.get("DATASETS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")
+    ) / "mnist"
+    report = json.loads((out / "report.json").read_text())
+    images = read_idx(mnist / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
+    labels = read_idx(mnist / "t10k-labels-idx1-ubyte.gz")
+    for model in report["models"]:
+        layers, norm = load_model(out / Path(model["model_file"]).name)
+        assert norm == "divide_by_255", norm
+        x = images.astype(np.float64) / 255.0
+        errors = int((forward(layers, x).argmax(axis=1) != labels).sum())
+        ours = model["test"]["errors"]
+        print(f"{model['role']}: numpy {errors} test errors, report {ours}")
+        assert abs(errors - ours) <= 2, "numpy evaluation disagrees with ours"
+    for folder in sorted(out.glob("transfer-*")):
+        shards, rows = check_transfer_set(folder)
+        print(f"{folder.name}: {shards} shards, {rows} rows, checksums ok")
+    print("artifacts ok")
+
+
+if __name__ == "__main__":
+    main()
