@@ -47,6 +47,9 @@ struct Args {
     /// Use only the first N training images (quick trials).
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Peak learning rate of the distilled student.
+    #[arg(long, default_value_t = 0.05)]
+    student_learning_rate: f64,
     /// Distillation temperature.
     #[arg(long, default_value_t = 20.0)]
     temperature: f64,
@@ -142,7 +145,7 @@ fn main() -> Result<()> {
             spec: small,
             train: TrainConfig {
                 epochs: args.student_epochs.unwrap_or(args.epochs),
-                learning_rate: 0.05,
+                learning_rate: args.student_learning_rate,
                 seed: args.seed + 2,
                 ..common_cfg.clone()
             },

@@ -25,6 +25,7 @@ pub enum Normalization {
     /// Features are used as generated.
     Identity,
     /// 8-bit pixel values divided by 255, giving values in [0, 1].
+    #[serde(rename = "divide_by_255")]
     DivideBy255,
 }
 
@@ -442,6 +443,13 @@ mod tests {
             Normalization::Identity,
         );
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn normalization_names_are_the_documented_ones() {
+        let name = |n| serde_json::to_string(&n).unwrap();
+        assert_eq!(name(Normalization::DivideBy255), "\"divide_by_255\"");
+        assert_eq!(name(Normalization::Identity), "\"identity\"");
     }
 
     #[test]
