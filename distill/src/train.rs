@@ -45,7 +45,10 @@ pub enum Targets<'a> {
 pub struct EpochStats {
     /// 1-based epoch number.
     pub epoch: usize,
-    /// Mean training loss over the epoch's batches.
+    /// Mean training loss over the epoch's batches. When distilling, the
+    /// soft term is reported as T^2 * KL(targets || student), i.e. without
+    /// the targets' constant entropy, so that it falls to 0 as the student
+    /// matches the teachers (the gradients are the same).
     pub mean_loss: f64,
     /// Errors on the validation split after the epoch.
     pub validation_errors: usize,
@@ -238,28 +241,42 @@ impl Stepper<'_> {
         };
         let masks = sample_dropout_masks(spec, rows, dropout, &mut self.dropout_rng, self.device)?;
         let logits = self.model.forward_with_masks(&x, &masks)?;
-        let loss = match (self.targets, batch.soft) {
+        let (loss, constant) = match (self.targets, batch.soft) {
             (Targets::Transfer { distill, .. }, Some(soft)) => {
+                let t2 = distill.temperature * distill.temperature;
+                let entropy = t2 * mean_entropy(&soft, spec.num_classes);
                 let soft = Tensor::from_vec(soft, (rows, spec.num_classes), self.device)?;
-                distillation_loss(
+                let loss = distillation_loss(
                     &logits,
                     &soft,
                     &labels,
                     distill.temperature,
                     distill.hard_weight,
-                )?
+                )?;
+                (loss, entropy)
             }
-            _ => hard_cross_entropy(&logits, &labels)?,
+            _ => (hard_cross_entropy(&logits, &labels)?, 0.0),
         };
         self.lr = self.schedule.lr(self.step);
         self.optimizer.step(&loss.backward()?, self.lr)?;
         if let Some(c) = self.cfg.max_norm {
             self.model.apply_max_norm(c)?;
         }
-        self.loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        self.loss_sum += f64::from(loss.to_scalar::<f32>()?) - constant;
         self.step += 1;
         Ok(())
     }
+}
+
+/// Mean entropy (nats) of the rows of `targets` (`rows x classes`).
+fn mean_entropy(targets: &[f32], classes: usize) -> f64 {
+    let rows = targets.len() / classes;
+    let total: f64 = targets
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| -f64::from(p) * f64::from(p).ln())
+        .sum();
+    total / rows.max(1) as f64
 }
 
 /// The host-side batch of the examples at `indices`, with the soft-target
@@ -325,4 +342,15 @@ fn check_compatible(
         set.check_dataset(train)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_entropy;
+
+    #[test]
+    fn entropy_of_uniform_and_one_hot_rows() {
+        let rows = [0.25f32, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0];
+        assert!((mean_entropy(&rows, 4) - 4f64.ln() / 2.0).abs() < 1e-7);
+    }
 }
