@@ -10,6 +10,9 @@ pub enum Error {
     /// parameter is outside its valid range.
     #[error(transparent)]
     Common(#[from] common::Error),
+    /// The caller stopped the work (a worker that lost its lease, a signal).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 /// Result with this crate's [`Error`].

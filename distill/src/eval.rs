@@ -95,6 +95,23 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
         .to_vec1::<u32>()?)
 }
 
+/// The arg-max class of each row of host-side `[rows, classes]` scores (the
+/// first maximum on ties, like [`argmax_rows`]).
+pub fn argmax_rows_host(scores: &[f32], classes: usize) -> Vec<u32> {
+    scores
+        .chunks_exact(classes)
+        .map(|row| {
+            let mut best = 0;
+            for (c, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = c;
+                }
+            }
+            best as u32
+        })
+        .collect()
+}
+
 /// Evaluates `model` on `data`.
 pub fn evaluate(model: &Mlp, data: &Dataset, device: &Device) -> Result<Evaluation> {
     let mut predicted = Vec::with_capacity(data.len());
@@ -112,6 +129,14 @@ pub fn evaluate(model: &Mlp, data: &Dataset, device: &Device) -> Result<Evaluati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_argmax_takes_the_first_maximum() {
+        assert_eq!(
+            argmax_rows_host(&[0.1, 0.7, 0.2, 0.5, 0.5, 0.0], 3),
+            vec![1, 0]
+        );
+    }
 
     #[test]
     fn tallies_errors_per_class_and_confusion() {

@@ -76,6 +76,46 @@ impl TrainReport {
     }
 }
 
+/// Where a training run is, after one optimisation step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepProgress {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Epochs configured.
+    pub epochs: usize,
+    /// Steps done since the start of training.
+    pub step: usize,
+    /// Mean loss of the current epoch's steps so far (reported as in
+    /// [`EpochStats::mean_loss`]).
+    pub mean_loss: f64,
+    /// Examples per second in the current epoch so far.
+    pub examples_per_second: f64,
+}
+
+/// Watches a training run. Returning an error from either method stops
+/// training after the current step and makes [`train_observed`] return it
+/// (this is how a worker abandons a task whose lease it lost).
+pub trait TrainObserver {
+    /// Called after every optimisation step.
+    fn on_step(&mut self, _progress: &StepProgress) -> Result<()> {
+        Ok(())
+    }
+    /// Called after every epoch's validation.
+    fn on_epoch(&mut self, _stats: &EpochStats) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`TrainObserver`] that hands each epoch's statistics to a closure.
+struct EpochCallback<F>(F);
+
+impl<F: FnMut(&EpochStats)> TrainObserver for EpochCallback<F> {
+    fn on_epoch(&mut self, stats: &EpochStats) -> Result<()> {
+        (self.0)(stats);
+        Ok(())
+    }
+}
+
 /// One mini-batch on the host.
 struct Batch {
     inputs: Vec<f32>,
@@ -93,7 +133,30 @@ pub fn train(
     targets: Targets<'_>,
     cfg: &TrainConfig,
     device: &Device,
-    mut on_epoch: impl FnMut(&EpochStats),
+    on_epoch: impl FnMut(&EpochStats),
+) -> Result<TrainReport> {
+    let mut observer = EpochCallback(on_epoch);
+    train_observed(
+        model,
+        train,
+        validation,
+        targets,
+        cfg,
+        device,
+        &mut observer,
+    )
+}
+
+/// [`train`] with an observer that sees every step and every epoch and may
+/// stop the run.
+pub fn train_observed(
+    model: &Mlp,
+    train: &Dataset,
+    validation: &Dataset,
+    targets: Targets<'_>,
+    cfg: &TrainConfig,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
 ) -> Result<TrainReport> {
     cfg.validate()?;
     check_compatible(model, train, validation, targets, cfg)?;
@@ -136,12 +199,24 @@ pub fn train(
         let started = Instant::now();
         let steps_before = step.step;
         step.loss_sum = 0.0;
+        let mut seen = 0usize;
+        let mut after_step = |step: &Stepper<'_>, rows: usize| {
+            seen += rows;
+            observer.on_step(&StepProgress {
+                epoch,
+                epochs: cfg.epochs,
+                step: step.step,
+                mean_loss: step.loss_sum / (step.step - steps_before).max(1) as f64,
+                examples_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            })
+        };
         match targets {
             Targets::Labels => {
                 let mut order: Vec<usize> = (0..train.len()).collect();
                 order.shuffle(&mut shuffle_rng);
                 for chunk in order.chunks(cfg.batch_size) {
                     step.run(gather(train, chunk, None))?;
+                    after_step(&step, chunk.len())?;
                 }
             }
             Targets::Transfer { set, distill } => {
@@ -159,6 +234,7 @@ pub fn train(
                             &indices,
                             Some((&soft, chunk, shard.num_classes)),
                         ))?;
+                        after_step(&step, chunk.len())?;
                     }
                 }
             }
@@ -180,7 +256,7 @@ pub fn train(
             seconds,
             "epoch done"
         );
-        on_epoch(&stats);
+        observer.on_epoch(&stats)?;
         report.epochs.push(stats);
         if cfg.select == EpochSelection::BestValidation
             && best

@@ -5,6 +5,7 @@
 //! height and width so that augmentations can move pixels. Features are
 //! already normalised (see [`Normalization`]).
 
+pub mod bundle;
 pub mod idx;
 pub mod synthetic;
 

@@ -40,6 +40,65 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Decodes the bytes of a shard file that should hold the logits of
+    /// `teachers` over `num_classes` classes for the examples in `range`;
+    /// `path` names it in errors. Checks every tensor's dtype and shape and
+    /// that the example index holds exactly `range`.
+    pub fn decode(
+        bytes: &[u8],
+        path: &Path,
+        range: std::ops::Range<usize>,
+        teachers: &[String],
+        num_classes: usize,
+    ) -> Result<Shard> {
+        let rows = range.len();
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        let index = tensor_bytes(&tensors, path, INDEX_TENSOR, Dtype::I64, &[rows])?;
+        let expected = range.clone().map(|i| i as i64);
+        let stored = index
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")));
+        if !stored.eq(expected) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{INDEX_TENSOR} does not hold {}..{}",
+                    range.start, range.end
+                ),
+            ));
+        }
+        if tensors.len() != teachers.len() + 1 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "holds {} tensors, expected {INDEX_TENSOR} and the logits of {} teachers",
+                    tensors.len(),
+                    teachers.len()
+                ),
+            ));
+        }
+        let logits = teachers
+            .iter()
+            .map(|t| {
+                let name = logits_tensor_name(t);
+                let data = tensor_bytes(&tensors, path, &name, Dtype::F32, &[rows, num_classes])?;
+                Ok(data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect())
+            })
+            .collect::<Result<_>>()?;
+        Ok(Shard {
+            start: range.start,
+            rows,
+            num_classes,
+            logits,
+        })
+    }
+}
+
 impl TransferSet {
     /// Opens the transfer set in `dir`, reading and validating its manifest.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -117,43 +176,13 @@ impl TransferSet {
                 found,
             });
         }
-        let tensors = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
-        let classes = self.manifest.num_classes;
-        let index = tensor_bytes(&tensors, &path, INDEX_TENSOR, Dtype::I64, &[entry.rows])?;
-        let expected = (entry.start..entry.end).map(|i| i as i64);
-        let stored = index
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")));
-        if !stored.eq(expected) {
-            return Err(Error::format(
-                &path,
-                format!(
-                    "{INDEX_TENSOR} does not hold {}..{}",
-                    entry.start, entry.end
-                ),
-            ));
-        }
-        let logits = self
-            .manifest
-            .teachers
-            .iter()
-            .map(|t| {
-                let name = logits_tensor_name(t);
-                let data =
-                    tensor_bytes(&tensors, &path, &name, Dtype::F32, &[entry.rows, classes])?;
-                Ok(data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect())
-            })
-            .collect::<Result<_>>()?;
-        Ok(Shard {
-            start: entry.start,
-            rows: entry.rows,
-            num_classes: classes,
-            logits,
-        })
+        Shard::decode(
+            &bytes,
+            &path,
+            entry.start..entry.end,
+            &self.manifest.teachers,
+            self.manifest.num_classes,
+        )
     }
 
     /// Reads the shards one after the other (only one is in memory at a

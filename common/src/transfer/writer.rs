@@ -119,7 +119,7 @@ impl TransferSetWriter {
             ));
         }
         let bytes = encode_shard(start, rows, classes, teachers, logits)?;
-        let file = format!("shard-{:05}.safetensors", self.manifest.shards.len());
+        let file = shard_file_name(self.manifest.shards.len());
         write_atomic(&self.dir.join(&file), &bytes)?;
         self.manifest.shards.push(ShardEntry {
             file,
@@ -134,7 +134,6 @@ impl TransferSetWriter {
     /// Writes `manifest.json`, which makes the transfer set complete, once
     /// the shards cover every example.
     pub fn finish(self) -> Result<Manifest> {
-        let path = self.dir.join(MANIFEST_FILE);
         if self.next_example() != self.manifest.num_examples {
             return Err(Error::invalid(
                 "transfer set",
@@ -145,16 +144,55 @@ impl TransferSetWriter {
                 ),
             ));
         }
-        self.manifest.validate(&path)?;
-        let json = serde_json::to_vec_pretty(&self.manifest).expect("a manifest serialises");
-        write_atomic(&path, &json)?;
+        write_manifest(&self.dir, &self.manifest)?;
         Ok(self.manifest)
     }
 }
 
-/// The safetensors bytes of one shard. Deterministic: the same arguments give
-/// the same bytes.
-fn encode_shard(
+/// File name of shard number `index` in a transfer-set folder.
+pub fn shard_file_name(index: usize) -> String {
+    format!("shard-{index:05}.safetensors")
+}
+
+/// Stores a shard encoded elsewhere (by a worker) as shard `index` of the
+/// transfer set in `dir`, after decoding it to check that it holds
+/// `teachers`' logits over `num_classes` classes for exactly the examples in
+/// `range`. Returns its manifest entry. Nothing is written if the check fails.
+pub fn store_encoded_shard(
+    dir: &Path,
+    index: usize,
+    range: std::ops::Range<usize>,
+    teachers: &[String],
+    num_classes: usize,
+    bytes: &[u8],
+) -> Result<ShardEntry> {
+    let file = shard_file_name(index);
+    let path = dir.join(&file);
+    super::Shard::decode(bytes, &path, range.clone(), teachers, num_classes)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_atomic(&path, bytes)?;
+    Ok(ShardEntry {
+        file,
+        start: range.start,
+        end: range.end,
+        rows: range.len(),
+        sha256: sha256_hex(bytes),
+    })
+}
+
+/// Validates `manifest` and writes it into `dir`, which completes a transfer
+/// set whose shards were stored with [`store_encoded_shard`].
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    manifest.validate(&path)?;
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+    write_atomic(&path, &json)
+}
+
+/// The safetensors bytes of one shard: `logits[k]` holds teacher k's logits
+/// (`rows * classes`, row-major) for examples `start..start + rows`.
+/// Deterministic: the same arguments give the same bytes.
+pub fn encode_shard(
     start: usize,
     rows: usize,
     classes: usize,

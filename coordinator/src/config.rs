@@ -1,0 +1,442 @@
+//! `cluster.toml`: one file describes the whole job. Unknown keys are refused
+//! (the message lists the keys allowed there), values are checked by
+//! [`ClusterConfig::validate`] with messages that name the key, and paths are
+//! relative to the config file's folder.
+//!
+//! Every random choice flows from the top-level `seed`: the validation split
+//! uses it directly and each model's training seed is derived from it and
+//! the model's name ([`derive_seed`]), so model tables take no `seed` key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use common::dataset::synthetic::SyntheticSpec;
+use distill::hparams::{DistillConfig, TrainConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A config problem, with the file and the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key that does not belong, or a value of the
+    /// wrong type (the message names it and lists the allowed keys).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value outside its allowed range.
+    #[error("{path}: `{key}` {reason}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Dotted key, such as `teachers.train.learning_rate`.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+/// Where the examples come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetSource {
+    /// The built-in synthetic problem (no files needed).
+    Synthetic,
+    /// MNIST IDX files (`DATASETS_DIR/mnist` unless `dir` is given).
+    Mnist,
+    /// Fashion-MNIST IDX files (`DATASETS_DIR/fashion-mnist` unless `dir`).
+    FashionMnist,
+}
+
+impl DatasetSource {
+    /// The dataset's name in reports and its folder under `DATASETS_DIR`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetSource::Synthetic => "synthetic",
+            DatasetSource::Mnist => "mnist",
+            DatasetSource::FashionMnist => "fashion-mnist",
+        }
+    }
+}
+
+/// `[dataset]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// `synthetic`, `mnist` or `fashion-mnist`.
+    pub source: DatasetSource,
+    /// Folder of the IDX files (relative to the config file); default
+    /// `$DATASETS_DIR/<source>`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Training examples held out for every training-time choice.
+    #[serde(default = "default_validation_size")]
+    pub validation_size: usize,
+    /// Use only the first this-many training examples (before the split).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Parameters of the synthetic problem (`source = "synthetic"` only).
+    #[serde(default)]
+    pub synthetic: Option<SyntheticSpec>,
+}
+
+fn default_validation_size() -> usize {
+    5000
+}
+
+/// `[teachers]`: the ensemble of generalist teachers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeachersConfig {
+    /// Ensemble members (differing only by seed).
+    #[serde(default = "one")]
+    pub count: usize,
+    /// Hidden-layer widths.
+    pub hidden: Vec<usize>,
+    /// How each member is trained (seed derived per member).
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `[student]`: the model the job is about.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    /// Hidden-layer widths.
+    pub hidden: Vec<usize>,
+    /// How it is trained.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Temperature, hard-label weight, ensemble combination.
+    #[serde(default)]
+    pub distill: DistillConfig,
+}
+
+/// `[baseline]`: the student's architecture on hard labels only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineConfig {
+    /// How it is trained; default: exactly like the student.
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+}
+
+/// The whole of `cluster.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// gRPC listen address (`--listen` overrides it).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Output folder (relative to the config file): `transfer/`, `models/`,
+    /// `report.json`, `report.md`.
+    pub output_dir: PathBuf,
+    /// Seed of every random choice of the job.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Shards of the transfer set (and teacher-inference tasks); never
+    /// derived from the number of workers.
+    #[serde(default = "default_shards")]
+    pub transfer_shards: usize,
+    /// A lease not renewed by a heartbeat for this long expires and its task
+    /// goes to another worker.
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_secs: f64,
+    /// How often workers heartbeat while running a task.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// Attempts per task (failures and expired leases) before the job fails.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Seconds between job-summary log lines.
+    #[serde(default = "default_summary")]
+    pub summary_interval_secs: f64,
+    /// The data.
+    pub dataset: DatasetConfig,
+    /// The teachers.
+    pub teachers: TeachersConfig,
+    /// The distilled student.
+    pub student: StudentConfig,
+    /// The hard-label baseline.
+    #[serde(default)]
+    pub baseline: Option<BaselineConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:50051".into()
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_shards() -> usize {
+    8
+}
+fn default_lease_timeout() -> f64 {
+    30.0
+}
+fn default_heartbeat() -> u64 {
+    1000
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_summary() -> f64 {
+    30.0
+}
+
+/// Model tables whose `train` sub-table must not set `seed`.
+const MODEL_TABLES: [&str; 3] = ["teachers", "student", "baseline"];
+
+impl ClusterConfig {
+    /// Reads, parses and validates `path`; relative paths in it become
+    /// relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        Self::parse(&text, path, base)
+    }
+
+    /// Parses and validates TOML `text`; `path` names it in errors and
+    /// relative paths are resolved against `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let value: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        for table in MODEL_TABLES {
+            let has_seed = value
+                .get(table)
+                .and_then(|t| t.get("train"))
+                .and_then(|t| t.get("seed"))
+                .is_some();
+            if has_seed {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: format!("{table}.train.seed"),
+                    reason: "is not allowed: model seeds derive from the top-level `seed`".into(),
+                });
+            }
+        }
+        let mut cfg: ClusterConfig =
+            toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        cfg.output_dir = base.join(&cfg.output_dir);
+        if let Some(dir) = &cfg.dataset.dir {
+            cfg.dataset.dir = Some(base.join(dir));
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the error names the key and the allowed values.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        self.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:50051", self.listen),
+            )
+        })?;
+        if !(1..=100_000).contains(&self.transfer_shards) {
+            return Err(invalid(
+                "transfer_shards",
+                format!("must be in 1..=100000, got {}", self.transfer_shards),
+            ));
+        }
+        if !(self.lease_timeout_secs.is_finite() && self.lease_timeout_secs > 0.0) {
+            return Err(invalid(
+                "lease_timeout_secs",
+                format!("must be a number > 0, got {}", self.lease_timeout_secs),
+            ));
+        }
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_interval_ms as f64 * 3.0 > self.lease_timeout_secs * 1000.0
+        {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                format!(
+                    "must be at least 1 and at most a third of lease_timeout_secs ({} ms), got {}",
+                    self.lease_timeout_secs * 1000.0 / 3.0,
+                    self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err(invalid(
+                "max_attempts",
+                format!("must be in 1..=100, got {}", self.max_attempts),
+            ));
+        }
+        if !(self.summary_interval_secs.is_finite() && self.summary_interval_secs > 0.0) {
+            return Err(invalid(
+                "summary_interval_secs",
+                format!("must be a number > 0, got {}", self.summary_interval_secs),
+            ));
+        }
+        let d = &self.dataset;
+        if d.validation_size == 0 {
+            return Err(invalid("dataset.validation_size", "must be at least 1, got 0".into()));
+        }
+        if d.train_limit == Some(0) {
+            return Err(invalid("dataset.train_limit", "must be at least 1, got 0".into()));
+        }
+        match (d.source, &d.synthetic, &d.dir) {
+            (DatasetSource::Synthetic, Some(spec), _) => spec
+                .validate()
+                .map_err(|e| invalid("dataset.synthetic", e.to_string()))?,
+            (DatasetSource::Synthetic, None, Some(_)) => {
+                return Err(invalid("dataset.dir", "is not used by source = \"synthetic\"".into()))
+            }
+            (_, Some(_), _) => {
+                return Err(invalid(
+                    "dataset.synthetic",
+                    format!("is only allowed with source = \"synthetic\", not {:?}", d.source.name()),
+                ))
+            }
+            _ => {}
+        }
+        if !(1..=64).contains(&self.teachers.count) {
+            return Err(invalid(
+                "teachers.count",
+                format!("must be in 1..=64, got {}", self.teachers.count),
+            ));
+        }
+        let models: [(&str, &[usize], &TrainConfig); 3] = [
+            ("teachers", &self.teachers.hidden, &self.teachers.train),
+            ("student", &self.student.hidden, &self.student.train),
+            ("baseline", &self.student.hidden, self.baseline_train()),
+        ];
+        for (table, hidden, train) in models {
+            if hidden.is_empty() || hidden.contains(&0) {
+                return Err(invalid(
+                    &format!("{table}.hidden"),
+                    format!("must list at least one layer width, each at least 1, got {hidden:?}"),
+                ));
+            }
+            train.validate().map_err(|e| invalid(&format!("{table}.train"), e.to_string()))?;
+        }
+        self.student
+            .distill
+            .validate()
+            .map_err(|e| invalid("student.distill", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The baseline's training settings: its own, or the student's.
+    pub fn baseline_train(&self) -> &TrainConfig {
+        self.baseline
+            .as_ref()
+            .and_then(|b| b.train.as_ref())
+            .unwrap_or(&self.student.train)
+    }
+}
+
+/// The training seed of model `name` in a job with seed `job_seed`: the
+/// first 8 bytes of sha256(job_seed, name). Stable across versions and
+/// platforms, and different for every model.
+pub fn derive_seed(job_seed: u64, name: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(job_seed.to_le_bytes());
+    h.update(name.as_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+output_dir = "out"
+[dataset]
+source = "synthetic"
+validation_size = 500
+[teachers]
+hidden = [64]
+[student]
+hidden = [16]
+"#;
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(text, Path::new("cluster.toml"), Path::new("/jobs"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_paths_relative_to_its_folder() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.output_dir, Path::new("/jobs/out"));
+        assert_eq!(cfg.listen, "127.0.0.1:50051");
+        assert_eq!(cfg.teachers.count, 1);
+        assert_eq!(cfg.transfer_shards, 8);
+        assert_eq!(cfg.baseline_train(), &cfg.student.train);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_allowed_ones() {
+        let err = parse(&MINIMAL.replace("[teachers]", "[teachers]\ncuont = 2")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cuont") && msg.contains("count"), "{msg}");
+        let err = parse(&format!("{MINIMAL}\n[student.train]\nlearning_rat = 0.1")).unwrap_err();
+        assert!(err.to_string().contains("learning_rat"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        for (edit, key) in [
+            ("transfer_shards = 0\n", "transfer_shards"),
+            ("listen = \"nowhere\"\n", "listen"),
+            ("heartbeat_interval_ms = 20000\n", "heartbeat_interval_ms"),
+            ("max_attempts = 0\n", "max_attempts"),
+        ] {
+            let err = parse(&format!("{edit}{MINIMAL}")).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{key}`")), "{key}: {err}");
+        }
+        let err = parse(&format!("{MINIMAL}\n[student.train]\nlearning_rate = -1.0")).unwrap_err();
+        assert!(err.to_string().contains("`student.train`") && err.to_string().contains("learning_rate"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[student.distill]\ntemperature = 0.0")).unwrap_err();
+        assert!(err.to_string().contains("temperature"), "{err}");
+        let err = parse(&MINIMAL.replace("hidden = [16]", "hidden = []")).unwrap_err();
+        assert!(err.to_string().contains("`student.hidden`"), "{err}");
+        let err = parse(&MINIMAL.replace("source = \"synthetic\"", "source = \"cifar\"")).unwrap_err();
+        assert!(err.to_string().contains("fashion-mnist"), "{err}");
+    }
+
+    #[test]
+    fn model_tables_refuse_a_seed_of_their_own() {
+        let err = parse(&format!("{MINIMAL}\n[teachers.train]\nseed = 5")).unwrap_err();
+        assert!(err.to_string().contains("`teachers.train.seed`"), "{err}");
+    }
+
+    #[test]
+    fn derived_seeds_differ_by_model_and_job_seed() {
+        assert_ne!(derive_seed(1, "teacher-0"), derive_seed(1, "teacher-1"));
+        assert_ne!(derive_seed(1, "student"), derive_seed(2, "student"));
+        assert_eq!(derive_seed(1, "student"), derive_seed(1, "student"));
+    }
+}

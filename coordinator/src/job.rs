@@ -1,0 +1,390 @@
+//! The running job: the plan, the scheduler, the artifact store, the workers
+//! and what their tasks produced. Every method is synchronous and called
+//! under one lock by the gRPC service with the current time; this is where a
+//! worker's request becomes a scheduler event and a stored file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::transfer::{store_encoded_shard, write_manifest, Manifest, ShardEntry, FORMAT_VERSION};
+use distill::task::{shard_artifact, ModelEvaluation, TRANSFER_MANIFEST_ARTIFACT};
+use proto::pb;
+
+use crate::plan::{Output, Plan};
+use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler, TaskState};
+use crate::store::{ArtifactStore, StoredArtifact};
+
+/// Why a worker's request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The worker id is not registered.
+    #[error("unknown worker {0:?}; register first")]
+    UnknownWorker(String),
+    /// The task id is not in the plan.
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    /// The attempt is not current (fencing).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The uploaded result is malformed.
+    #[error("result of {task} refused: {reason}")]
+    BadResult {
+        /// The task.
+        task: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No artifact has this name.
+    #[error("no artifact called {0:?}")]
+    UnknownArtifact(String),
+    /// Writing a result failed on the coordinator's side.
+    #[error("storing the result failed: {0}")]
+    Storage(#[from] common::Error),
+}
+
+/// What the coordinator knows about a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    /// What it reported at registration.
+    pub capabilities: pb::Capabilities,
+    /// Time of its last request.
+    pub last_seen: Duration,
+    /// The task and attempt it runs, if any.
+    pub task: Option<(String, u64)>,
+    /// Its last reported progress.
+    pub progress: Option<pb::Progress>,
+}
+
+/// A task's outcome as the report needs it.
+#[derive(Clone, Debug, Default)]
+pub struct TaskRecord {
+    /// The worker's summary JSON.
+    pub summary: serde_json::Value,
+    /// Seconds the compute took.
+    pub seconds: f64,
+}
+
+/// The job's state.
+#[derive(Debug)]
+pub struct Job {
+    /// The plan.
+    pub plan: Plan,
+    /// Task states and leases.
+    pub scheduler: Scheduler,
+    /// The stored files.
+    pub store: ArtifactStore,
+    /// Registered workers by id.
+    pub workers: BTreeMap<String, WorkerInfo>,
+    /// Records of finished tasks by id.
+    pub records: HashMap<String, TaskRecord>,
+    /// The evaluation task's results.
+    pub evaluations: Option<Vec<ModelEvaluation>>,
+    /// Workers that were told the job is over.
+    pub told_over: BTreeSet<String>,
+    transfer_dir: PathBuf,
+    shard_entries: Vec<Option<ShardEntry>>,
+    dataset_fingerprint: String,
+    train_len: usize,
+    num_classes: usize,
+    lease_timeout: Duration,
+    poll_ms: u32,
+    next_worker: u64,
+}
+
+impl Job {
+    /// A job about to start; `store` already holds the dataset.
+    pub fn new(
+        plan: Plan,
+        store: ArtifactStore,
+        transfer_dir: PathBuf,
+        dataset: (&str, usize, usize),
+        lease_timeout: Duration,
+        max_attempts: u32,
+        poll_ms: u32,
+    ) -> Self {
+        let scheduler = Scheduler::new(
+            plan.tasks.iter().map(|t| (t.id.clone(), t.deps.clone())).collect(),
+            lease_timeout,
+            max_attempts,
+        );
+        let (fingerprint, train_len, num_classes) = dataset;
+        Job {
+            shard_entries: vec![None; plan.shards],
+            plan,
+            scheduler,
+            store,
+            workers: BTreeMap::new(),
+            records: HashMap::new(),
+            evaluations: None,
+            told_over: BTreeSet::new(),
+            transfer_dir,
+            dataset_fingerprint: fingerprint.to_string(),
+            train_len,
+            num_classes,
+            lease_timeout,
+            poll_ms,
+            next_worker: 1,
+        }
+    }
+
+    /// Registers a worker; returns its id.
+    pub fn register(&mut self, capabilities: pb::Capabilities, now: Duration) -> String {
+        let id = format!("w{}-{}", self.next_worker, capabilities.hostname);
+        self.next_worker += 1;
+        tracing::info!(worker = %id, device = %capabilities.device, threads = capabilities.threads, "worker registered");
+        self.workers.insert(
+            id.clone(),
+            WorkerInfo { capabilities, last_seen: now, task: None, progress: None },
+        );
+        id
+    }
+
+    /// Workers heard from within the lease timeout.
+    pub fn workers_alive(&self, now: Duration) -> usize {
+        self.workers
+            .values()
+            .filter(|w| now.saturating_sub(w.last_seen) < self.lease_timeout)
+            .count()
+    }
+
+    fn touch(&mut self, worker: &str, now: Duration) -> Result<&mut WorkerInfo, JobError> {
+        let w = self
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| JobError::UnknownWorker(worker.to_string()))?;
+        w.last_seen = now;
+        Ok(w)
+    }
+
+    fn task_index(&self, task: &str) -> Result<usize, JobError> {
+        self.scheduler
+            .index_of(task)
+            .ok_or_else(|| JobError::UnknownTask(task.to_string()))
+    }
+
+    /// Answers a worker asking for work.
+    pub fn lease(&mut self, worker: &str, now: Duration) -> Result<pb::LeaseResponse, JobError> {
+        self.touch(worker, now)?;
+        let outcome = match self.scheduler.lease(worker, now) {
+            LeaseDecision::Run { task, attempt } => {
+                let planned = &self.plan.tasks[task];
+                let inputs = planned
+                    .inputs
+                    .iter()
+                    .map(|name| {
+                        let a = self.store.get(name).unwrap_or_else(|| {
+                            panic!("input {name} of ready task {} is not stored", planned.id)
+                        });
+                        pb::ArtifactRef { name: name.clone(), sha256: a.sha256.clone(), size: a.size }
+                    })
+                    .collect();
+                tracing::info!(task = %planned.id, attempt, worker, what = %planned.spec.describe(), "task started");
+                let assignment = pb::TaskAssignment {
+                    task_id: planned.id.clone(),
+                    attempt,
+                    spec_json: serde_json::to_vec(&planned.spec).expect("specs serialise"),
+                    inputs,
+                };
+                let w = self.workers.get_mut(worker).expect("touched");
+                w.task = Some((planned.id.clone(), attempt));
+                w.progress = None;
+                pb::lease_response::Outcome::Task(assignment)
+            }
+            LeaseDecision::Wait => pb::lease_response::Outcome::Wait(pb::Wait { retry_after_ms: self.poll_ms }),
+            LeaseDecision::JobOver => {
+                self.told_over.insert(worker.to_string());
+                pb::lease_response::Outcome::JobOver(pb::JobOver {
+                    succeeded: self.scheduler.succeeded(),
+                    message: self.scheduler.failure().unwrap_or_else(|| "job done".into()),
+                })
+            }
+        };
+        Ok(pb::LeaseResponse { outcome: Some(outcome) })
+    }
+
+    /// Renews a lease and records progress; `Ok(false)` tells the worker to
+    /// stop (its attempt is no longer current).
+    pub fn heartbeat(&mut self, req: &pb::HeartbeatRequest, now: Duration) -> Result<bool, JobError> {
+        let worker = self.touch(&req.worker_id, now)?;
+        worker.progress = req.progress.clone();
+        let task = self.task_index(&req.task_id)?;
+        match self.scheduler.heartbeat(task, req.attempt, now) {
+            Ok(()) => Ok(true),
+            Err(Refusal::StaleAttempt { .. }) => {
+                if self.scheduler.is_over() {
+                    self.told_over.insert(req.worker_id.clone());
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks, before receiving the payload, that an upload may be accepted.
+    pub fn check_upload(&mut self, header: &pb::UploadHeader, now: Duration) -> Result<(), JobError> {
+        self.touch(&header.worker_id, now)?;
+        let task = self.task_index(&header.task_id)?;
+        self.scheduler.check_current(task, header.attempt)?;
+        Ok(())
+    }
+
+    /// Stores a verified result of the current attempt and marks its task
+    /// done. The payload's checksum was verified by the caller.
+    pub fn accept_result(
+        &mut self,
+        header: &pb::UploadHeader,
+        payload: &[u8],
+        now: Duration,
+    ) -> Result<StoredArtifact, JobError> {
+        self.check_upload(header, now)?;
+        let task = self.task_index(&header.task_id)?;
+        let planned = &self.plan.tasks[task];
+        let bad = |reason: String| JobError::BadResult { task: planned.id.clone(), reason };
+        let stored = match &planned.output {
+            Output::Model(name) => {
+                distill::model_io::from_bytes(payload, std::path::Path::new(name), &candle_core::Device::Cpu)
+                    .map_err(|e| bad(e.to_string()))?;
+                self.store.put(&distill::task::model_artifact(name), payload)?.clone()
+            }
+            Output::Shard { index, range } => {
+                let entry = store_encoded_shard(
+                    &self.transfer_dir,
+                    *index,
+                    range.clone(),
+                    &self.plan.teachers,
+                    self.num_classes,
+                    payload,
+                )
+                .map_err(|e| match e {
+                    common::Error::Format { reason, .. } => bad(reason),
+                    other => JobError::Storage(other),
+                })?;
+                let path = self.transfer_dir.join(&entry.file);
+                let stored = self
+                    .store
+                    .record(&shard_artifact(*index), path, entry.sha256.clone(), payload.len() as u64)
+                    .clone();
+                self.shard_entries[*index] = Some(entry);
+                stored
+            }
+            Output::Evaluation => {
+                let results: Vec<ModelEvaluation> =
+                    serde_json::from_slice(payload).map_err(|e| bad(format!("not an evaluation list: {e}")))?;
+                let stored = self.store.put("evaluation", payload)?.clone();
+                self.evaluations = Some(results);
+                stored
+            }
+        };
+        let summary = serde_json::from_slice(&header.summary_json).unwrap_or(serde_json::Value::Null);
+        self.records.insert(
+            planned.id.clone(),
+            TaskRecord { summary, seconds: header.seconds },
+        );
+        let id = planned.id.clone();
+        let is_shard = matches!(planned.output, Output::Shard { .. });
+        self.scheduler.complete(task, header.attempt)?;
+        if let Some(w) = self.workers.get_mut(&header.worker_id) {
+            w.task = None;
+        }
+        tracing::info!(task = %id, attempt = header.attempt, worker = %header.worker_id, seconds = header.seconds, bytes = payload.len(), "task finished");
+        if is_shard && self.shard_entries.iter().all(Option::is_some) {
+            self.finish_transfer_set()?;
+        }
+        Ok(stored)
+    }
+
+    /// Writes the manifest once every shard is stored, which makes the
+    /// transfer set complete and the student's task ready to run.
+    fn finish_transfer_set(&mut self) -> Result<(), JobError> {
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            dataset_fingerprint: self.dataset_fingerprint.clone(),
+            num_examples: self.train_len,
+            num_classes: self.num_classes,
+            teachers: self.plan.teachers.clone(),
+            dtype: "F32".into(),
+            shards: self.shard_entries.iter().flatten().cloned().collect(),
+        };
+        write_manifest(&self.transfer_dir, &manifest)?;
+        let path = self.transfer_dir.join(common::transfer::MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| common::Error::io(&path, e))?;
+        self.store.record(
+            TRANSFER_MANIFEST_ARTIFACT,
+            path,
+            common::checksum::sha256_hex(&bytes),
+            bytes.len() as u64,
+        );
+        tracing::info!(dir = %self.transfer_dir.display(), shards = manifest.shards.len(), examples = self.train_len, "transfer set complete");
+        Ok(())
+    }
+
+    /// Records a failed attempt; returns whether the task will be retried.
+    pub fn fail(&mut self, report: &pb::FailureReport, now: Duration) -> Result<bool, JobError> {
+        self.touch(&report.worker_id, now)?.task = None;
+        let task = self.task_index(&report.task_id)?;
+        let outcome = self.scheduler.fail(task, report.attempt, &report.error)?;
+        tracing::warn!(task = %report.task_id, attempt = report.attempt, worker = %report.worker_id, error = %report.error, "task attempt failed");
+        Ok(outcome == FailureOutcome::WillRetry)
+    }
+
+    /// Expires overdue leases.
+    pub fn tick(&mut self, now: Duration) {
+        for e in self.scheduler.expire(now) {
+            tracing::warn!(
+                task = %self.scheduler.id(e.task),
+                attempt = e.attempt,
+                worker = %e.worker,
+                retry = e.outcome == FailureOutcome::WillRetry,
+                "lease expired"
+            );
+            if let Some(w) = self.workers.get_mut(&e.worker) {
+                w.task = None;
+            }
+        }
+    }
+
+    /// The artifact called `name`, for a download.
+    pub fn artifact(&mut self, worker: &str, name: &str, now: Duration) -> Result<StoredArtifact, JobError> {
+        self.touch(worker, now)?;
+        self.store
+            .get(name)
+            .cloned()
+            .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
+    }
+
+    /// A one-line summary for the periodic log.
+    pub fn summary_line(&self, now: Duration) -> String {
+        let c = self.scheduler.counts();
+        let running: Vec<String> = self
+            .workers
+            .iter()
+            .filter_map(|(id, w)| {
+                let (task, _) = w.task.as_ref()?;
+                let p = w.progress.as_ref();
+                Some(match p {
+                    Some(p) if p.epochs > 0 => format!("{id}: {task} epoch {}/{} loss {:.4}", p.epoch, p.epochs, p.loss),
+                    _ => format!("{id}: {task}"),
+                })
+            })
+            .collect();
+        format!(
+            "tasks done {}/{} (running {}, ready {}, blocked {}, failed {}); workers alive {}; {}",
+            c.done,
+            self.scheduler.len(),
+            c.running,
+            c.ready,
+            c.blocked,
+            c.failed,
+            self.workers_alive(now),
+            running.join(", ")
+        )
+    }
+
+    /// True if `task` is done (for tests and the report).
+    pub fn is_done(&self, task: &str) -> bool {
+        self.scheduler
+            .index_of(task)
+            .is_some_and(|i| self.scheduler.state(i) == &TaskState::Done)
+    }
+}

@@ -1,0 +1,252 @@
+//! The coordinator of a distillation job: it reads `cluster.toml`, loads and
+//! splits the dataset, plans the job as a task graph, serves the tasks to
+//! workers over gRPC ([`service`]), stores their results (the coordinator is
+//! the single writer of the output folder), and writes the report.
+//!
+//! [`run`] is the whole program; `main.rs` only parses arguments.
+
+pub mod config;
+pub mod data;
+pub mod job;
+pub mod local_workers;
+pub mod plan;
+pub mod report;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use common::dataset::bundle::encode_splits;
+use distill::task::DATASET_ARTIFACT;
+use proto::pb::coordinator_server::CoordinatorServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ClusterConfig;
+use crate::job::Job;
+use crate::local_workers::LocalWorkers;
+use crate::report::{SplitSizes, TransferSummary};
+use crate::service::{CoordinatorService, SharedJob};
+use crate::store::ArtifactStore;
+
+/// How the coordinator was started.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The job's `cluster.toml`.
+    pub config: PathBuf,
+    /// Listen address overriding the config's `listen`.
+    pub listen: Option<String>,
+    /// Worker processes to start on this machine.
+    pub local_workers: usize,
+    /// Compute threads of each local worker.
+    pub local_worker_threads: usize,
+}
+
+/// How a job ended.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Where `report.json` is.
+    pub report: PathBuf,
+    /// The report.
+    pub summary: String,
+}
+
+/// Runs the job of `opts.config` to the end: `Ok` with the report when every
+/// task is done, an error saying why otherwise.
+pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let cfg = ClusterConfig::load(&opts.config)?;
+    let listen = opts.listen.clone().unwrap_or_else(|| cfg.listen.clone());
+    let listen: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:50051"))?;
+    let out = cfg.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output_dir {}", out.display()))?;
+    let out = out.canonicalize().with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
+
+    let cfg_for_data = cfg.clone();
+    let splits = tokio::task::spawn_blocking(move || crate::data::load_splits(&cfg_for_data)).await??;
+    tracing::info!(
+        dataset = cfg.dataset.source.name(),
+        train = splits.train.len(),
+        validation = splits.validation.len(),
+        test = splits.test.len(),
+        "dataset loaded"
+    );
+    let sizes = SplitSizes {
+        train: splits.train.len(),
+        validation: splits.validation.len(),
+        test: splits.test.len(),
+        dim: splits.train.dim(),
+        classes: splits.train.num_classes(),
+    };
+    let mut store = ArtifactStore::new(&out);
+    let transfer_dir = out.join("transfer");
+    if transfer_dir.exists() {
+        // A previous run's shards must not mix with this run's.
+        std::fs::remove_dir_all(&transfer_dir)
+            .with_context(|| format!("cannot clear {}", transfer_dir.display()))?;
+    }
+    store.put(DATASET_ARTIFACT, &encode_splits(&splits)?)?;
+    let fingerprint = splits.train.fingerprint();
+    drop(splits);
+
+    let plan = plan::plan(&cfg, sizes.train)?;
+    let poll_ms = cfg.heartbeat_interval_ms.min(500) as u32;
+    let job = Job::new(
+        plan,
+        store,
+        transfer_dir,
+        (&fingerprint, sizes.train, sizes.classes),
+        Duration::from_secs_f64(cfg.lease_timeout_secs),
+        cfg.max_attempts,
+        poll_ms,
+    );
+    let tasks = job.scheduler.len();
+    let shared = SharedJob::new(job, started, cfg.heartbeat_interval_ms as u32, cfg.dataset.source.name().into());
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    // Tests and scripts read this line to find the port when listening on :0.
+    println!("coordinator listening on {url}");
+    tracing::info!(%url, tasks, output_dir = %out.display(), "job planned, serving");
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(CoordinatorServer::new(CoordinatorService::new(shared.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let mut local = if opts.local_workers > 0 {
+        Some(LocalWorkers::spawn(
+            opts.local_workers,
+            opts.local_worker_threads,
+            &url,
+            &out.join("scratch"),
+        )?)
+    } else {
+        None
+    };
+
+    let result = supervise(&shared, &cfg, &mut local).await;
+    let result = match result {
+        Ok(()) => finish_report(&shared, &cfg, sizes, &out, started),
+        Err(e) => Err(e),
+    };
+    // Let connected workers learn that the job is over before going away.
+    wait_for_workers_told(&shared, Duration::from_millis(3 * cfg.heartbeat_interval_ms + 2000)).await;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(local) = local {
+        local.finish(Duration::from_secs(5)).await;
+    }
+    result
+}
+
+/// The main loop: expires leases, logs a summary now and then, and returns
+/// when the job is over (an error if it failed or was interrupted).
+async fn supervise(shared: &SharedJob, cfg: &ClusterConfig, local: &mut Option<LocalWorkers>) -> anyhow::Result<()> {
+    let summary_every = Duration::from_secs_f64(cfg.summary_interval_secs);
+    let mut last_summary = Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    let mut sigterm = terminate_signal()?;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (Ctrl-C); the job did not finish"),
+            _ = sigterm.recv() => anyhow::bail!("terminated (SIGTERM); the job did not finish"),
+        }
+        let now = shared.now();
+        let (over, failure) = shared.with(|job| {
+            job.tick(now);
+            if last_summary.elapsed() >= summary_every {
+                tracing::info!("{}", job.summary_line(now));
+                last_summary = Instant::now();
+            }
+            (job.scheduler.is_over(), job.scheduler.failure())
+        });
+        if let Some(f) = failure {
+            anyhow::bail!("the job failed: {f}");
+        }
+        if over {
+            return Ok(());
+        }
+        if let Some(l) = local.as_mut() {
+            if l.running() == 0 {
+                anyhow::bail!("all local workers exited before the job finished (see their log lines above)");
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn terminate_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
+    Ok(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?)
+}
+
+async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        let now = shared.now();
+        let pending = shared.with(|job| {
+            job.workers
+                .iter()
+                .filter(|(id, w)| !job.told_over.contains(*id) && now.saturating_sub(w.last_seen) < grace)
+                .count()
+        });
+        if pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn finish_report(
+    shared: &SharedJob,
+    cfg: &ClusterConfig,
+    sizes: SplitSizes,
+    out: &std::path::Path,
+    started: Instant,
+) -> anyhow::Result<Outcome> {
+    let report = shared.with(|job| -> anyhow::Result<_> {
+        let evaluations = job.evaluations.clone().context("the evaluation task stored no results")?;
+        let bytes = (0..job.plan.shards)
+            .filter_map(|i| job.store.get(&distill::task::shard_artifact(i)))
+            .map(|a| a.size)
+            .sum();
+        let transfer = TransferSummary {
+            examples: sizes.train,
+            teachers: job.plan.teachers.clone(),
+            shards: job.plan.shards,
+            bytes,
+            dir: "transfer".into(),
+        };
+        Ok(report::build(
+            cfg,
+            sizes,
+            &job.plan.teachers,
+            &evaluations,
+            &job.records,
+            transfer,
+            started.elapsed().as_secs_f64(),
+        ))
+    })?;
+    report.write(out)?;
+    let path = out.join("report.json");
+    tracing::info!(report = %path.display(), "job done");
+    Ok(Outcome { report: path, summary: report.to_markdown() })
+}

@@ -1,0 +1,95 @@
+//! `--local-workers N`: worker processes started by the coordinator itself
+//! on loopback, for one-machine jobs. They are the `worker` binary beside the
+//! coordinator's own executable, and they die with the coordinator: killed
+//! when it drops them, and (on Linux) sent SIGKILL by the kernel if the
+//! coordinator itself dies.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+/// The running local workers.
+#[derive(Debug)]
+pub struct LocalWorkers {
+    children: Vec<Child>,
+}
+
+/// The `worker` executable beside this process's executable.
+pub fn worker_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find the coordinator's own executable")?;
+    let path = me.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        path.is_file(),
+        "--local-workers needs the `worker` binary beside the coordinator, at {} (build it with `cargo build -p worker`)",
+        path.display()
+    );
+    Ok(path)
+}
+
+impl LocalWorkers {
+    /// Starts `count` CPU workers with `threads` compute threads each,
+    /// talking to `coordinator`, with scratch folders under `scratch_root`.
+    pub fn spawn(count: usize, threads: usize, coordinator: &str, scratch_root: &Path) -> anyhow::Result<Self> {
+        let binary = worker_binary()?;
+        let mut children = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--coordinator")
+                .arg(coordinator)
+                .arg("--cpu")
+                .arg("--threads")
+                .arg(threads.to_string())
+                .arg("--scratch")
+                .arg(scratch_root.join(format!("worker-{i}")))
+                .arg("--give-up-after")
+                .arg("30")
+                .kill_on_drop(true);
+            die_with_parent(&mut cmd);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", binary.display()))?;
+            tracing::info!(pid = child.id(), index = i, "local worker started");
+            children.push(child);
+        }
+        Ok(LocalWorkers { children })
+    }
+
+    /// How many of them are still running.
+    pub fn running(&mut self) -> usize {
+        let mut running = 0;
+        for child in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                running += 1;
+            }
+        }
+        running
+    }
+
+    /// Waits up to `grace` for them to exit on their own, then kills the rest.
+    pub async fn finish(mut self, grace: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        for child in &mut self.children {
+            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own
+    // process attributes between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}

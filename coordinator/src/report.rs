@@ -1,0 +1,215 @@
+//! The job's report: `report.json` for machines and `report.md` for people,
+//! built from the evaluation task's results and the training tasks' records.
+
+use std::path::Path;
+
+use distill::task::ModelEvaluation;
+use serde::Serialize;
+
+use crate::config::ClusterConfig;
+use crate::job::TaskRecord;
+use crate::plan::{BASELINE, ENSEMBLE, STUDENT};
+
+/// `report.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Dataset name (`synthetic`, `mnist`, `fashion-mnist`).
+    pub dataset: String,
+    /// The job's seed.
+    pub seed: u64,
+    /// Training / validation / test examples.
+    pub train_examples: usize,
+    /// Validation examples.
+    pub validation_examples: usize,
+    /// Test examples.
+    pub test_examples: usize,
+    /// Seconds from the coordinator's start to the report.
+    pub wall_seconds: f64,
+    /// The transfer set.
+    pub transfer_set: TransferSummary,
+    /// Every model, teachers first, the primary student marked.
+    pub models: Vec<ModelReport>,
+}
+
+/// The transfer set in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferSummary {
+    /// Transfer examples (the training split).
+    pub examples: usize,
+    /// Teacher names.
+    pub teachers: Vec<String>,
+    /// Shard files.
+    pub shards: usize,
+    /// Bytes of all shard files.
+    pub bytes: u64,
+    /// Folder (relative to the output folder).
+    pub dir: String,
+}
+
+/// One model in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelReport {
+    /// Its name.
+    pub name: String,
+    /// `teacher`, `ensemble`, `student` or `baseline`.
+    pub role: String,
+    /// The models it learned from (empty for hard-label models).
+    pub teachers: Vec<String>,
+    /// Distillation temperature (distilled models only).
+    pub temperature: Option<f64>,
+    /// True for the one student the job is about.
+    pub primary: bool,
+    /// Architecture such as `784-800-800-10` (members joined by `+` for an ensemble).
+    pub architecture: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Errors on the validation split.
+    pub validation_errors: usize,
+    /// Errors on the test set.
+    pub test_errors: usize,
+    /// Fraction of the test set classified correctly.
+    pub test_accuracy: f64,
+    /// Test errors per true class.
+    pub per_class_errors: Vec<usize>,
+    /// Seconds of training (0 for an ensemble).
+    pub train_seconds: f64,
+    /// Epoch whose weights were kept (trained models).
+    pub selected_epoch: Option<usize>,
+    /// Model file, relative to the output folder (trained models).
+    pub file: Option<String>,
+}
+
+/// Sizes of the job's splits.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitSizes {
+    /// Training examples.
+    pub train: usize,
+    /// Validation examples.
+    pub validation: usize,
+    /// Test examples.
+    pub test: usize,
+    /// Input features.
+    pub dim: usize,
+    /// Classes.
+    pub classes: usize,
+}
+
+/// Assembles the report.
+pub fn build(
+    cfg: &ClusterConfig,
+    sizes: SplitSizes,
+    teachers: &[String],
+    evaluations: &[ModelEvaluation],
+    records: &std::collections::HashMap<String, TaskRecord>,
+    transfer: TransferSummary,
+    wall_seconds: f64,
+) -> Report {
+    let arch = |hidden: &[usize]| {
+        std::iter::once(sizes.dim)
+            .chain(hidden.iter().copied())
+            .chain(std::iter::once(sizes.classes))
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("-")
+    };
+    let models = evaluations
+        .iter()
+        .map(|e| {
+            let name = e.name.as_str();
+            let (role, learned_from, temperature, architecture) = match name {
+                STUDENT => (
+                    "student",
+                    teachers.to_vec(),
+                    Some(cfg.student.distill.temperature),
+                    arch(&cfg.student.hidden),
+                ),
+                BASELINE => ("baseline", vec![], None, arch(&cfg.student.hidden)),
+                ENSEMBLE => (
+                    "ensemble",
+                    teachers.to_vec(),
+                    None,
+                    vec![arch(&cfg.teachers.hidden); teachers.len()].join("+"),
+                ),
+                _ => ("teacher", vec![], None, arch(&cfg.teachers.hidden)),
+            };
+            let record = records.get(name);
+            let summary = record.map(|r| &r.summary);
+            ModelReport {
+                name: e.name.clone(),
+                role: role.into(),
+                teachers: learned_from,
+                temperature,
+                primary: name == STUDENT,
+                architecture,
+                params: e.params,
+                validation_errors: e.validation_errors,
+                test_errors: e.test.errors,
+                test_accuracy: e.test.accuracy(),
+                per_class_errors: e.test.per_class_errors.clone(),
+                train_seconds: record.map_or(0.0, |r| r.seconds),
+                selected_epoch: summary
+                    .and_then(|s| s.pointer("/training/selected_epoch"))
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize),
+                file: (role != "ensemble").then(|| format!("models/{name}.safetensors")),
+            }
+        })
+        .collect();
+    Report {
+        dataset: cfg.dataset.source.name().into(),
+        seed: cfg.seed,
+        train_examples: sizes.train,
+        validation_examples: sizes.validation,
+        test_examples: sizes.test,
+        wall_seconds,
+        transfer_set: transfer,
+        models,
+    }
+}
+
+impl Report {
+    /// The report as a Markdown table with a short header.
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "# Distillation report: {}\n\nseed {}; {} training, {} validation, {} test examples; \
+             transfer set of {} examples from {} teacher(s) in {} shards ({} bytes); {:.1} s wall time.\n\n",
+            self.dataset,
+            self.seed,
+            self.train_examples,
+            self.validation_examples,
+            self.test_examples,
+            self.transfer_set.examples,
+            self.transfer_set.teachers.len(),
+            self.transfer_set.shards,
+            self.transfer_set.bytes,
+            self.wall_seconds
+        );
+        s.push_str("| model | role | architecture | params | T | validation errors | test errors | test accuracy | kept epoch | train s |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        for m in &self.models {
+            s.push_str(&format!(
+                "| {}{} | {} | {} | {} | {} | {} | {} / {} | {:.2}% | {} | {:.1} |\n",
+                m.name,
+                if m.primary { " (primary)" } else { "" },
+                m.role,
+                m.architecture,
+                m.params,
+                m.temperature.map_or("-".into(), |t| t.to_string()),
+                m.validation_errors,
+                m.test_errors,
+                self.test_examples,
+                100.0 * m.test_accuracy,
+                m.selected_epoch.map_or("-".into(), |e| e.to_string()),
+                m.train_seconds
+            ));
+        }
+        s
+    }
+
+    /// Writes `report.json` and `report.md` into `dir` (atomically).
+    pub fn write(&self, dir: &Path) -> common::Result<()> {
+        let json = serde_json::to_vec_pretty(self).expect("a report serialises");
+        common::atomic_file::write_atomic(&dir.join("report.json"), &json)?;
+        common::atomic_file::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
+    }
+}

@@ -1,0 +1,478 @@
+//! The job's task graph as a pure state machine: which tasks may run, who
+//! holds which lease, and what happens when a lease expires, a result comes
+//! in or an attempt fails. No I/O, no clock of its own (times are passed in
+//! as [`Duration`]s since the job started), no networking: the gRPC service
+//! feeds it events and applies what it returns.
+//!
+//! Invariants: a task is leased to at most one attempt at a time; every
+//! lease gets a fresh attempt id (a fencing token) that is never reused; only
+//! the current attempt of a leased task may heartbeat, complete or fail it;
+//! a task becomes ready only when all its dependencies are done; a task that
+//! used up `max_attempts` attempts (failures or expired leases) fails the job.
+
+use std::time::Duration;
+
+/// A task's position in the plan.
+pub type TaskIndex = usize;
+
+/// Where a task is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    /// Some dependency is not done yet.
+    Blocked,
+    /// May be leased.
+    Ready,
+    /// Held by a worker's attempt until `expires_at` unless renewed.
+    Leased {
+        /// The worker holding it.
+        worker: String,
+        /// The attempt's fencing id.
+        attempt: u64,
+        /// When the lease runs out.
+        expires_at: Duration,
+    },
+    /// Its result is stored.
+    Done,
+    /// It used up its attempts.
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct Task {
+    id: String,
+    deps: Vec<TaskIndex>,
+    state: TaskState,
+    attempts: u32,
+    errors: Vec<String>,
+}
+
+/// What a worker asking for work gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseDecision {
+    /// Run this task under this attempt id.
+    Run {
+        /// The task.
+        task: TaskIndex,
+        /// Its fencing id.
+        attempt: u64,
+    },
+    /// Nothing is ready; ask again later.
+    Wait,
+    /// The job is over (succeeded or failed).
+    JobOver,
+}
+
+/// Why an event about an attempt was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No task has this index.
+    #[error("there is no task number {0}")]
+    UnknownTask(TaskIndex),
+    /// The attempt is not the task's current lease (it expired, or the task
+    /// was re-leased, completed or failed since).
+    #[error("attempt {attempt} of task {task} is not current (the lease expired or the task moved on)")]
+    StaleAttempt {
+        /// The task's id.
+        task: String,
+        /// The refused attempt.
+        attempt: u64,
+    },
+}
+
+/// What became of a failed attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// The task is ready again for another attempt.
+    WillRetry,
+    /// The task used up its attempts; the job has failed.
+    JobFailed,
+}
+
+/// An expired lease, as [`Scheduler::expire`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expired {
+    /// The task.
+    pub task: TaskIndex,
+    /// The worker that held it.
+    pub worker: String,
+    /// The attempt that expired.
+    pub attempt: u64,
+    /// Whether the task will be tried again.
+    pub outcome: FailureOutcome,
+}
+
+/// Task counts by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Blocked on dependencies.
+    pub blocked: usize,
+    /// Ready to lease.
+    pub ready: usize,
+    /// Leased.
+    pub running: usize,
+    /// Done.
+    pub done: usize,
+    /// Failed.
+    pub failed: usize,
+}
+
+/// The state machine.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    tasks: Vec<Task>,
+    lease_timeout: Duration,
+    max_attempts: u32,
+    next_attempt: u64,
+}
+
+impl Scheduler {
+    /// A scheduler for tasks given as `(id, dependencies)`, in an order where
+    /// every dependency comes before its dependants. Panics on a forward or
+    /// self dependency (a bug in the planner, not a user error).
+    pub fn new(tasks: Vec<(String, Vec<TaskIndex>)>, lease_timeout: Duration, max_attempts: u32) -> Self {
+        assert!(max_attempts >= 1, "max_attempts must be at least 1");
+        let tasks = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, deps))| {
+                assert!(deps.iter().all(|&d| d < i), "task {id} depends on a later task");
+                let state = if deps.is_empty() { TaskState::Ready } else { TaskState::Blocked };
+                Task { id, deps, state, attempts: 0, errors: Vec::new() }
+            })
+            .collect();
+        Scheduler { tasks, lease_timeout, max_attempts, next_attempt: 1 }
+    }
+
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// True when the plan has no tasks.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// The id of task `task`.
+    pub fn id(&self, task: TaskIndex) -> &str {
+        &self.tasks[task].id
+    }
+
+    /// The index of the task called `id`.
+    pub fn index_of(&self, id: &str) -> Option<TaskIndex> {
+        self.tasks.iter().position(|t| t.id == id)
+    }
+
+    /// The state of task `task`.
+    pub fn state(&self, task: TaskIndex) -> &TaskState {
+        &self.tasks[task].state
+    }
+
+    /// Attempts made at task `task` so far.
+    pub fn attempts(&self, task: TaskIndex) -> u32 {
+        self.tasks[task].attempts
+    }
+
+    /// Task counts by state.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for t in &self.tasks {
+            match t.state {
+                TaskState::Blocked => c.blocked += 1,
+                TaskState::Ready => c.ready += 1,
+                TaskState::Leased { .. } => c.running += 1,
+                TaskState::Done => c.done += 1,
+                TaskState::Failed => c.failed += 1,
+            }
+        }
+        c
+    }
+
+    /// True once every task is done.
+    pub fn succeeded(&self) -> bool {
+        self.tasks.iter().all(|t| t.state == TaskState::Done)
+    }
+
+    /// The error messages of the first failed task, if the job failed.
+    pub fn failure(&self) -> Option<String> {
+        self.tasks.iter().find(|t| t.state == TaskState::Failed).map(|t| {
+            format!(
+                "task {} failed {} times: {}",
+                t.id,
+                t.attempts,
+                t.errors.join("; ")
+            )
+        })
+    }
+
+    /// True once the job has succeeded or failed.
+    pub fn is_over(&self) -> bool {
+        self.succeeded() || self.failure().is_some()
+    }
+
+    /// Leases the first ready task (plan order) to `worker` at `now`.
+    pub fn lease(&mut self, worker: &str, now: Duration) -> LeaseDecision {
+        if self.is_over() {
+            return LeaseDecision::JobOver;
+        }
+        let Some(i) = self.tasks.iter().position(|t| t.state == TaskState::Ready) else {
+            return LeaseDecision::Wait;
+        };
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let task = &mut self.tasks[i];
+        task.attempts += 1;
+        task.state = TaskState::Leased {
+            worker: worker.to_string(),
+            attempt,
+            expires_at: now + self.lease_timeout,
+        };
+        LeaseDecision::Run { task: i, attempt }
+    }
+
+    /// Checks that `attempt` is the current lease of `task`.
+    pub fn check_current(&self, task: TaskIndex, attempt: u64) -> Result<(), Refusal> {
+        let t = self.tasks.get(task).ok_or(Refusal::UnknownTask(task))?;
+        match t.state {
+            TaskState::Leased { attempt: a, .. } if a == attempt => Ok(()),
+            _ => Err(Refusal::StaleAttempt { task: t.id.clone(), attempt }),
+        }
+    }
+
+    /// Renews the lease of `attempt` on `task` until `now + lease_timeout`.
+    pub fn heartbeat(&mut self, task: TaskIndex, attempt: u64, now: Duration) -> Result<(), Refusal> {
+        self.check_current(task, attempt)?;
+        if let TaskState::Leased { expires_at, .. } = &mut self.tasks[task].state {
+            *expires_at = now + self.lease_timeout;
+        }
+        Ok(())
+    }
+
+    /// Records that `attempt` delivered `task`'s result; returns the tasks
+    /// that became ready.
+    pub fn complete(&mut self, task: TaskIndex, attempt: u64) -> Result<Vec<TaskIndex>, Refusal> {
+        self.check_current(task, attempt)?;
+        self.tasks[task].state = TaskState::Done;
+        let mut ready = Vec::new();
+        for i in task + 1..self.tasks.len() {
+            let t = &self.tasks[i];
+            if t.state == TaskState::Blocked
+                && t.deps.iter().all(|&d| self.tasks[d].state == TaskState::Done)
+            {
+                self.tasks[i].state = TaskState::Ready;
+                ready.push(i);
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Records that `attempt` of `task` failed with `error`.
+    pub fn fail(&mut self, task: TaskIndex, attempt: u64, error: &str) -> Result<FailureOutcome, Refusal> {
+        self.check_current(task, attempt)?;
+        Ok(self.give_up_attempt(task, error.to_string()))
+    }
+
+    /// Expires every lease whose time ran out by `now`.
+    pub fn expire(&mut self, now: Duration) -> Vec<Expired> {
+        let mut expired = Vec::new();
+        for i in 0..self.tasks.len() {
+            if let TaskState::Leased { worker, attempt, expires_at } = &self.tasks[i].state {
+                if *expires_at <= now {
+                    let (worker, attempt) = (worker.clone(), *attempt);
+                    let outcome = self.give_up_attempt(
+                        i,
+                        format!("lease of attempt {attempt} on worker {worker} expired (no heartbeat)"),
+                    );
+                    expired.push(Expired { task: i, worker, attempt, outcome });
+                }
+            }
+        }
+        expired
+    }
+
+    /// Releases every lease `worker` holds (it said it is going away), as if
+    /// they had expired now.
+    pub fn release_worker(&mut self, worker: &str) -> Vec<Expired> {
+        let mut released = Vec::new();
+        for i in 0..self.tasks.len() {
+            if let TaskState::Leased { worker: w, attempt, .. } = &self.tasks[i].state {
+                if w == worker {
+                    let attempt = *attempt;
+                    let outcome = self.give_up_attempt(i, format!("worker {worker} left during attempt {attempt}"));
+                    released.push(Expired { task: i, worker: worker.to_string(), attempt, outcome });
+                }
+            }
+        }
+        released
+    }
+
+    fn give_up_attempt(&mut self, task: TaskIndex, error: String) -> FailureOutcome {
+        let t = &mut self.tasks[task];
+        t.errors.push(error);
+        if t.attempts >= self.max_attempts {
+            t.state = TaskState::Failed;
+            FailureOutcome::JobFailed
+        } else {
+            t.state = TaskState::Ready;
+            FailureOutcome::WillRetry
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// a, b -> c -> d
+    fn diamond(max_attempts: u32) -> Scheduler {
+        Scheduler::new(
+            vec![
+                ("a".into(), vec![]),
+                ("b".into(), vec![]),
+                ("c".into(), vec![0, 1]),
+                ("d".into(), vec![2]),
+            ],
+            TIMEOUT,
+            max_attempts,
+        )
+    }
+
+    fn run(s: &mut Scheduler, worker: &str, now: Duration) -> (TaskIndex, u64) {
+        match s.lease(worker, now) {
+            LeaseDecision::Run { task, attempt } => (task, attempt),
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tasks_without_dependencies_start_ready_others_blocked() {
+        let s = diamond(3);
+        assert_eq!(s.state(0), &TaskState::Ready);
+        assert_eq!(s.state(2), &TaskState::Blocked);
+        assert_eq!(s.counts(), Counts { blocked: 2, ready: 2, ..Counts::default() });
+    }
+
+    #[test]
+    fn leases_ready_tasks_in_plan_order_then_waits() {
+        let mut s = diamond(3);
+        let (t0, a0) = run(&mut s, "w1", secs(0));
+        let (t1, a1) = run(&mut s, "w2", secs(0));
+        assert_eq!((t0, t1), (0, 1));
+        assert_ne!(a0, a1, "every lease gets its own attempt id");
+        assert_eq!(s.lease("w3", secs(0)), LeaseDecision::Wait);
+        assert_eq!(
+            s.state(0),
+            &TaskState::Leased { worker: "w1".into(), attempt: a0, expires_at: TIMEOUT }
+        );
+    }
+
+    #[test]
+    fn completing_all_dependencies_unblocks_dependants() {
+        let mut s = diamond(3);
+        let (_, a0) = run(&mut s, "w", secs(0));
+        let (_, a1) = run(&mut s, "w", secs(0));
+        assert_eq!(s.complete(0, a0), Ok(vec![]));
+        assert_eq!(s.state(2), &TaskState::Blocked);
+        assert_eq!(s.complete(1, a1), Ok(vec![2]));
+        let (t, a) = run(&mut s, "w", secs(1));
+        assert_eq!(t, 2);
+        assert_eq!(s.complete(2, a), Ok(vec![3]));
+        let (_, a) = run(&mut s, "w", secs(2));
+        s.complete(3, a).unwrap();
+        assert!(s.succeeded() && s.is_over());
+        assert_eq!(s.lease("w", secs(3)), LeaseDecision::JobOver);
+    }
+
+    #[test]
+    fn heartbeats_extend_the_lease() {
+        let mut s = diamond(3);
+        let (t, a) = run(&mut s, "w", secs(0));
+        s.heartbeat(t, a, secs(8)).unwrap();
+        assert!(s.expire(secs(12)).is_empty(), "renewed until 18 s");
+        assert_eq!(s.expire(secs(18)).len(), 1);
+    }
+
+    #[test]
+    fn an_expired_lease_goes_back_to_ready_and_its_attempt_is_refused() {
+        let mut s = diamond(3);
+        let (t, stale) = run(&mut s, "w1", secs(0));
+        assert!(s.expire(secs(9)).is_empty());
+        let expired = s.expire(secs(10));
+        assert_eq!(
+            expired,
+            vec![Expired { task: t, worker: "w1".into(), attempt: stale, outcome: FailureOutcome::WillRetry }]
+        );
+        assert_eq!(s.state(t), &TaskState::Ready);
+        let (t2, fresh) = run(&mut s, "w2", secs(10));
+        assert_eq!(t2, t);
+        let refused = Refusal::StaleAttempt { task: "a".into(), attempt: stale };
+        assert_eq!(s.heartbeat(t, stale, secs(11)), Err(refused.clone()));
+        assert_eq!(s.complete(t, stale), Err(refused.clone()));
+        assert_eq!(s.fail(t, stale, "late"), Err(refused));
+        assert_eq!(s.complete(t, fresh), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_result_after_expiry_but_before_re_lease_is_refused() {
+        let mut s = diamond(3);
+        let (t, a) = run(&mut s, "w1", secs(0));
+        s.expire(secs(10));
+        assert!(matches!(s.complete(t, a), Err(Refusal::StaleAttempt { .. })));
+        assert_eq!(s.state(t), &TaskState::Ready);
+    }
+
+    #[test]
+    fn failures_retry_until_max_attempts_then_fail_the_job_with_all_errors() {
+        let mut s = diamond(2);
+        let (t, a) = run(&mut s, "w1", secs(0));
+        assert_eq!(s.fail(t, a, "out of memory"), Ok(FailureOutcome::WillRetry));
+        let (t2, a2) = run(&mut s, "w2", secs(1));
+        assert_eq!(t2, t);
+        assert_eq!(s.attempts(t), 2);
+        assert_eq!(s.fail(t, a2, "disk full"), Ok(FailureOutcome::JobFailed));
+        assert_eq!(s.state(t), &TaskState::Failed);
+        let msg = s.failure().unwrap();
+        assert!(msg.contains("task a failed 2 times") && msg.contains("out of memory") && msg.contains("disk full"), "{msg}");
+        assert!(s.is_over() && !s.succeeded());
+        assert_eq!(s.lease("w3", secs(2)), LeaseDecision::JobOver);
+    }
+
+    #[test]
+    fn expiries_count_as_attempts() {
+        let mut s = diamond(1);
+        run(&mut s, "w1", secs(0));
+        let expired = s.expire(secs(10));
+        assert_eq!(expired[0].outcome, FailureOutcome::JobFailed);
+        assert!(s.failure().unwrap().contains("expired"));
+    }
+
+    #[test]
+    fn releasing_a_worker_frees_only_its_leases() {
+        let mut s = diamond(3);
+        let (t0, _) = run(&mut s, "w1", secs(0));
+        let (t1, a1) = run(&mut s, "w2", secs(0));
+        let released = s.release_worker("w1");
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].task, t0);
+        assert_eq!(s.state(t0), &TaskState::Ready);
+        assert!(s.check_current(t1, a1).is_ok());
+    }
+
+    #[test]
+    fn unknown_tasks_and_done_tasks_refuse_events() {
+        let mut s = diamond(3);
+        assert_eq!(s.heartbeat(9, 1, secs(0)), Err(Refusal::UnknownTask(9)));
+        let (t, a) = run(&mut s, "w", secs(0));
+        s.complete(t, a).unwrap();
+        assert!(s.complete(t, a).is_err(), "a second result is refused");
+        assert!(s.expire(secs(100)).iter().all(|e| e.task != t), "done tasks never expire");
+        assert_eq!(s.index_of("c"), Some(2));
+        assert_eq!(s.id(3), "d");
+    }
+}

@@ -1,0 +1,209 @@
+//! The gRPC service: thin glue that turns requests into [`Job`] calls under
+//! one lock, streams artifacts in chunks, and maps errors to status codes in
+//! one place ([`status`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::checksum::sha256_hex;
+use proto::pb::{self, coordinator_server::Coordinator};
+use proto::CHUNK_BYTES;
+use tokio::io::AsyncReadExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::job::{Job, JobError};
+
+/// Largest result a worker may upload (a model or shard), 4 GiB.
+const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+
+/// The job shared between the service and the coordinator's main loop.
+#[derive(Clone, Debug)]
+pub struct SharedJob {
+    job: Arc<Mutex<Job>>,
+    started: Instant,
+    heartbeat_interval_ms: u32,
+    job_name: String,
+}
+
+impl SharedJob {
+    /// Shares `job`, whose clock started at `started`.
+    pub fn new(job: Job, started: Instant, heartbeat_interval_ms: u32, job_name: String) -> Self {
+        SharedJob { job: Arc::new(Mutex::new(job)), started, heartbeat_interval_ms, job_name }
+    }
+
+    /// Time since the job started (the scheduler's clock).
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Runs `f` on the job under its lock.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Job) -> R) -> R {
+        let mut job = self.job.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut job)
+    }
+}
+
+/// Maps a job error to a gRPC status: the one place that decides codes.
+pub fn status(e: JobError) -> Status {
+    match &e {
+        JobError::UnknownWorker(_) => Status::unauthenticated(e.to_string()),
+        JobError::UnknownTask(_) | JobError::UnknownArtifact(_) => Status::not_found(e.to_string()),
+        JobError::Refused(_) => Status::failed_precondition(e.to_string()),
+        JobError::BadResult { .. } => Status::invalid_argument(e.to_string()),
+        JobError::Storage(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The `Coordinator` gRPC service.
+#[derive(Clone, Debug)]
+pub struct CoordinatorService {
+    shared: SharedJob,
+}
+
+impl CoordinatorService {
+    /// A service over `shared`.
+    pub fn new(shared: SharedJob) -> Self {
+        CoordinatorService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caps = request
+            .into_inner()
+            .capabilities
+            .ok_or_else(|| Status::invalid_argument("capabilities are missing"))?;
+        let ours = env!("CARGO_PKG_VERSION");
+        if caps.version != ours {
+            return Err(Status::failed_precondition(format!(
+                "worker version {:?} does not match the coordinator's {ours:?}",
+                caps.version
+            )));
+        }
+        let now = self.shared.now();
+        let worker_id = self.shared.with(|job| job.register(caps, now));
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
+            job: self.shared.job_name.clone(),
+        }))
+    }
+
+    async fn lease_task(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let worker = request.into_inner().worker_id;
+        let now = self.shared.now();
+        self.shared.with(|job| job.lease(&worker, now)).map(Response::new).map_err(status)
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let now = self.shared.now();
+        let continue_task = self.shared.with(|job| job.heartbeat(&req, now)).map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse { continue_task }))
+    }
+
+    async fn upload_result(&self, request: Request<Streaming<pb::UploadChunk>>) -> Result<Response<pb::UploadResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await?.and_then(|c| c.part) {
+            Some(pb::upload_chunk::Part::Header(h)) => h,
+            _ => return Err(Status::invalid_argument("an upload must start with its header")),
+        };
+        if header.size > MAX_UPLOAD_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "result of {} bytes exceeds the {MAX_UPLOAD_BYTES}-byte limit",
+                header.size
+            )));
+        }
+        // Refuse a stale attempt before receiving its payload.
+        let now = self.shared.now();
+        self.shared.with(|job| job.check_upload(&header, now)).map_err(status)?;
+        let mut payload = Vec::with_capacity(header.size as usize);
+        while let Some(chunk) = stream.message().await? {
+            match chunk.part {
+                Some(pb::upload_chunk::Part::Data(data)) => {
+                    if payload.len() + data.len() > header.size as usize {
+                        return Err(Status::invalid_argument(format!(
+                            "more than the announced {} bytes were sent",
+                            header.size
+                        )));
+                    }
+                    payload.extend_from_slice(&data);
+                }
+                _ => return Err(Status::invalid_argument("a second header in one upload")),
+            }
+        }
+        if payload.len() as u64 != header.size {
+            return Err(Status::data_loss(format!(
+                "{} of the announced {} bytes arrived",
+                payload.len(),
+                header.size
+            )));
+        }
+        let found = sha256_hex(&payload);
+        if found != header.sha256 {
+            return Err(Status::data_loss(format!(
+                "checksum mismatch: header says {}, payload has {found}",
+                header.sha256
+            )));
+        }
+        let shared = self.shared.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let now = shared.now();
+            shared.with(|job| job.accept_result(&header, &payload, now))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storing the result panicked: {e}")))?
+        .map_err(status)?;
+        Ok(Response::new(pb::UploadResponse {
+            stored: Some(pb::ArtifactRef {
+                name: stored.path.display().to_string(),
+                sha256: stored.sha256,
+                size: stored.size,
+            }),
+        }))
+    }
+
+    async fn report_failure(&self, request: Request<pb::FailureReport>) -> Result<Response<pb::FailureResponse>, Status> {
+        let report = request.into_inner();
+        let now = self.shared.now();
+        let will_retry = self.shared.with(|job| job.fail(&report, now)).map_err(status)?;
+        Ok(Response::new(pb::FailureResponse { will_retry }))
+    }
+
+    type DownloadArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+
+    async fn download_artifact(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        let req = request.into_inner();
+        let now = self.shared.now();
+        let artifact = self.shared.with(|job| job.artifact(&req.worker_id, &req.name, now)).map_err(status)?;
+        let mut file = tokio::fs::File::open(&artifact.path)
+            .await
+            .map_err(|e| Status::internal(format!("cannot open {}: {e}", artifact.path.display())))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let header = pb::ArtifactRef { name: req.name, sha256: artifact.sha256, size: artifact.size };
+        tokio::spawn(async move {
+            let header = pb::ArtifactChunk { part: Some(pb::artifact_chunk::Part::Header(header)) };
+            if tx.send(Ok(header)).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            loop {
+                let msg = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => Ok(pb::ArtifactChunk { part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())) }),
+                    Err(e) => Err(Status::internal(format!("reading {}: {e}", artifact.path.display()))),
+                };
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

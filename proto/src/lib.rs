@@ -1,0 +1,13 @@
+//! The gRPC API between the coordinator and its workers, generated from
+//! `proto/cluster.proto` at build time, and the chunking rule both sides
+//! follow for large payloads.
+
+/// Generated messages, the `Coordinator` client and server.
+pub mod pb {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("distill.cluster.v1");
+}
+
+/// Largest payload per streamed message (1 MiB): well under gRPC's 4 MiB
+/// default message limit, large enough to keep per-message overhead small.
+pub const CHUNK_BYTES: usize = 1 << 20;

@@ -1,0 +1,115 @@
+//! The worker's side of the gRPC API: connecting with backoff, and moving
+//! large payloads in chunks with a checksum.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use common::checksum::sha256_hex;
+use proto::pb::{self, coordinator_client::CoordinatorClient};
+use proto::CHUNK_BYTES;
+use tonic::transport::Channel;
+
+/// A connected client.
+pub type Client = CoordinatorClient<Channel>;
+
+/// Retries `attempt` with exponential backoff (0.2 s doubling to 5 s) until
+/// it succeeds or `give_up_after` has passed since the first try.
+pub async fn with_backoff<T, F, Fut>(what: &str, give_up_after: Duration, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() + delay > give_up_after => {
+                return Err(e.context(format!(
+                    "{what}: giving up after {:.0} s without reaching the coordinator",
+                    started.elapsed().as_secs_f64()
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Connects to the coordinator at `url`.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("--coordinator {url:?} is not a URL like http://HOST:PORT"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+/// Downloads artifact `name` and checks it against `expected`.
+pub async fn download(client: &mut Client, worker_id: &str, expected: &pb::ArtifactRef) -> anyhow::Result<Vec<u8>> {
+    let mut stream = client
+        .download_artifact(pb::DownloadRequest { worker_id: worker_id.into(), name: expected.name.clone() })
+        .await
+        .with_context(|| format!("downloading {}", expected.name))?
+        .into_inner();
+    let header = match stream.message().await?.and_then(|c| c.part) {
+        Some(pb::artifact_chunk::Part::Header(h)) => h,
+        _ => anyhow::bail!("download of {} did not start with a header", expected.name),
+    };
+    anyhow::ensure!(
+        header.sha256 == expected.sha256,
+        "the coordinator now holds a different {} (sha256 {}, the task expects {})",
+        expected.name,
+        header.sha256,
+        expected.sha256
+    );
+    let mut bytes = Vec::with_capacity(header.size as usize);
+    while let Some(chunk) = stream.message().await? {
+        match chunk.part {
+            Some(pb::artifact_chunk::Part::Data(d)) => bytes.extend_from_slice(&d),
+            _ => anyhow::bail!("download of {}: unexpected second header", expected.name),
+        }
+    }
+    Ok(bytes)
+}
+
+/// What a worker uploads besides the payload.
+#[derive(Clone, Debug)]
+pub struct UploadMeta {
+    /// The worker.
+    pub worker_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The attempt (fencing id).
+    pub attempt: u64,
+    /// Compute seconds.
+    pub seconds: f64,
+    /// Summary JSON.
+    pub summary_json: Vec<u8>,
+}
+
+/// Uploads a result: a header with the checksum, then chunks.
+pub async fn upload(client: &mut Client, meta: UploadMeta, payload: Vec<u8>) -> Result<pb::UploadResponse, tonic::Status> {
+    let header = pb::UploadHeader {
+        worker_id: meta.worker_id,
+        task_id: meta.task_id,
+        attempt: meta.attempt,
+        sha256: sha256_hex(&payload),
+        size: payload.len() as u64,
+        seconds: meta.seconds,
+        summary_json: meta.summary_json,
+    };
+    let mut messages = vec![pb::UploadChunk { part: Some(pb::upload_chunk::Part::Header(header)) }];
+    messages.extend(
+        payload
+            .chunks(CHUNK_BYTES)
+            .map(|c| pb::UploadChunk { part: Some(pb::upload_chunk::Part::Data(c.to_vec())) }),
+    );
+    Ok(client.upload_result(tokio_stream::iter(messages)).await?.into_inner())
+}

@@ -1,0 +1,137 @@
+//! A worker of a distillation job: it registers with the coordinator, then
+//! leases tasks until the coordinator says the job is over. Everything it
+//! needs (the dataset, teacher models, transfer shards) it downloads from
+//! the coordinator and caches by checksum ([`cache`]); compute runs on a
+//! thread of its own while the async runtime heartbeats ([`runner`]).
+
+pub mod cache;
+pub mod client;
+pub mod runner;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use distill::device::{select, DeviceChoice};
+use proto::pb;
+
+use crate::cache::ArtifactCache;
+use crate::client::with_backoff;
+use crate::runner::{run_task, WorkerState};
+
+/// How the worker was started.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The coordinator's URL, such as `http://10.0.0.5:50051`.
+    pub coordinator: String,
+    /// CPU or which GPU.
+    pub device: DeviceChoice,
+    /// Compute threads.
+    pub threads: usize,
+    /// Scratch folder for the artifact cache.
+    pub scratch: PathBuf,
+    /// Give up after this long without reaching the coordinator.
+    pub give_up_after: Duration,
+}
+
+/// Runs the worker until the job is over. `Ok(true)` when the job
+/// succeeded, `Ok(false)` when the coordinator says it failed.
+pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    let device = select(opts.device)?;
+    let cache = ArtifactCache::open(&opts.scratch)?;
+    let caps = pb::Capabilities {
+        device: match opts.device {
+            DeviceChoice::Cpu => "cpu".into(),
+            DeviceChoice::Gpu(n) => format!("cuda:{n}"),
+        },
+        threads: opts.threads as u32,
+        memory_bytes: physical_memory(),
+        hostname: hostname(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let (mut client, registered) = register(&opts, &caps).await?;
+    tracing::info!(worker = %registered.worker_id, job = %registered.job, "registered");
+    let mut state = WorkerState {
+        worker_id: registered.worker_id,
+        heartbeat: Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10))),
+        cache,
+        scratch: opts.scratch.clone(),
+        device,
+        dataset: None,
+    };
+    loop {
+        let lease = with_backoff("asking for a task", opts.give_up_after, || {
+            let mut c = client.clone();
+            let id = state.worker_id.clone();
+            async move { Ok(c.lease_task(pb::LeaseRequest { worker_id: id }).await) }
+        })
+        .await?;
+        let outcome = match lease {
+            Ok(r) => r.into_inner().outcome,
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                // The coordinator no longer knows us (it restarted): join again.
+                let (c, r) = register(&opts, &caps).await?;
+                client = c;
+                state.worker_id = r.worker_id;
+                continue;
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tracing::warn!("coordinator unavailable: {}", s.message());
+                let (c, _) = with_backoff("reconnecting", opts.give_up_after, || client::connect(&opts.coordinator))
+                    .await
+                    .map(|c| (c, ()))?;
+                client = c;
+                continue;
+            }
+            Err(s) => return Err(anyhow::anyhow!("the coordinator refused to lease: {}", s.message())),
+        };
+        match outcome {
+            Some(pb::lease_response::Outcome::Task(assignment)) => {
+                run_task(&mut client, &mut state, assignment).await?;
+            }
+            Some(pb::lease_response::Outcome::Wait(w)) => {
+                tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms.max(10)))).await;
+            }
+            Some(pb::lease_response::Outcome::JobOver(over)) => {
+                tracing::info!(succeeded = over.succeeded, message = %over.message, "job over; exiting");
+                return Ok(over.succeeded);
+            }
+            None => anyhow::bail!("the coordinator sent an empty lease response"),
+        }
+    }
+}
+
+async fn register(opts: &Options, caps: &pb::Capabilities) -> anyhow::Result<(client::Client, pb::RegisterResponse)> {
+    with_backoff("registering", opts.give_up_after, || async {
+        let mut client = client::connect(&opts.coordinator).await?;
+        let response = client
+            .register(pb::RegisterRequest { capabilities: Some(caps.clone()) })
+            .await
+            .context("registration refused")?
+            .into_inner();
+        Ok((client, response))
+    })
+    .await
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages > 0 && page > 0 {
+        pages as u64 * page as u64
+    } else {
+        0
+    }
+}

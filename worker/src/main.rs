@@ -1,0 +1,97 @@
+//! `worker --coordinator http://HOST:PORT --gpu 0` (or `--cpu`): does the
+//! compute of a distillation job and exits when the coordinator says the job
+//! is over.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use distill::device::DeviceChoice;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Worker of a distillation job: leases tasks from the coordinator, runs them
+/// on the CPU or a CUDA GPU, and streams the results back.
+#[derive(Debug, Parser)]
+#[command(version, group(ArgGroup::new("device").required(true).args(["gpu", "cpu"])))]
+struct Args {
+    /// The coordinator's URL.
+    #[arg(long)]
+    coordinator: String,
+    /// Run on this CUDA GPU (needs a build with `--features cuda`).
+    #[arg(long)]
+    gpu: Option<usize>,
+    /// Run on the CPU.
+    #[arg(long)]
+    cpu: bool,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Scratch folder for downloaded artifacts (default: a folder under the system temp dir).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Give up after this many seconds without reaching the coordinator.
+    #[arg(long, default_value_t = 300.0)]
+    give_up_after: f64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // candle's CPU kernels size their thread pool from this variable; set it
+    // before any thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let opts = worker::Options {
+        coordinator: args.coordinator,
+        device: args.gpu.map_or(DeviceChoice::Cpu, DeviceChoice::Gpu),
+        threads,
+        scratch: args
+            .scratch
+            .unwrap_or_else(|| std::env::temp_dir().join("distill-worker")),
+        give_up_after: Duration::from_secs_f64(args.give_up_after.max(0.0)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(worker::run(opts)) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,239 @@
+//! Running one leased task: fetch its inputs (cache first), run it on a
+//! compute thread off the async runtime, heartbeat with progress meanwhile,
+//! stop if the lease is lost, and upload the result or report the failure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use common::dataset::bundle::decode_splits;
+use common::dataset::Splits;
+use distill::task::{TaskInputs, TaskOutput, TaskSpec, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT};
+use distill::train::{EpochStats, StepProgress, TrainObserver};
+use proto::pb;
+
+use crate::cache::ArtifactCache;
+use crate::client::{self, Client, UploadMeta};
+
+/// What stays loaded between tasks.
+pub struct WorkerState {
+    /// The worker's id at the coordinator.
+    pub worker_id: String,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Downloaded artifacts.
+    pub cache: ArtifactCache,
+    /// Scratch folder (transfer sets are assembled here).
+    pub scratch: PathBuf,
+    /// The compute device.
+    pub device: Device,
+    /// The decoded dataset and its checksum.
+    pub dataset: Option<(String, Arc<Splits>)>,
+}
+
+/// Feeds progress to the heartbeat loop and stops training when told to.
+struct Observer {
+    progress: Arc<Mutex<pb::Progress>>,
+    cancel: Arc<AtomicBool>,
+    phase: &'static str,
+}
+
+impl Observer {
+    fn check(&self) -> distill::Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(distill::Error::Cancelled("the coordinator revoked this attempt's lease".into()));
+        }
+        Ok(())
+    }
+}
+
+impl TrainObserver for Observer {
+    fn on_step(&mut self, p: &StepProgress) -> distill::Result<()> {
+        {
+            let mut progress = self.progress.lock().expect("progress lock");
+            *progress = pb::Progress {
+                phase: self.phase.into(),
+                epoch: p.epoch as u32,
+                epochs: p.epochs as u32,
+                step: p.step as u64,
+                loss: p.mean_loss,
+                examples_per_second: p.examples_per_second,
+            };
+        }
+        self.check()
+    }
+
+    fn on_epoch(&mut self, _: &EpochStats) -> distill::Result<()> {
+        self.check()
+    }
+}
+
+/// Runs `assignment` to the end: uploads its result or reports its failure.
+/// Returns an error only when the coordinator cannot be reached.
+pub async fn run_task(client: &mut Client, state: &mut WorkerState, assignment: pb::TaskAssignment) -> anyhow::Result<()> {
+    let task_id = assignment.task_id.clone();
+    let attempt = assignment.attempt;
+    tracing::info!(task = %task_id, attempt, "task started");
+    let started = Instant::now();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Mutex::new(pb::Progress { phase: "fetching inputs".into(), ..Default::default() }));
+    let heartbeats = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        pb::HeartbeatRequest { worker_id: state.worker_id.clone(), task_id: task_id.clone(), attempt, progress: None },
+        state.heartbeat,
+        progress.clone(),
+        cancel.clone(),
+    ));
+    let result = execute(client, state, &assignment, progress, cancel.clone()).await;
+    heartbeats.abort();
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(output) => {
+            let meta = UploadMeta {
+                worker_id: state.worker_id.clone(),
+                task_id: task_id.clone(),
+                attempt,
+                seconds,
+                summary_json: serde_json::to_vec(&output.summary).expect("summary serialises"),
+            };
+            match client::upload(client, meta, output.payload).await {
+                Ok(_) => tracing::info!(task = %task_id, attempt, seconds, "task finished"),
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::warn!(task = %task_id, attempt, "result refused: {}", s.message())
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => return Err(s).context("uploading the result"),
+                Err(s) => report_failure(client, state, &task_id, attempt, format!("upload refused: {}", s.message())).await?,
+            }
+        }
+        Err(e) if cancel.load(Ordering::Relaxed) => {
+            tracing::warn!(task = %task_id, attempt, "task abandoned: {e:#}");
+        }
+        Err(e) => report_failure(client, state, &task_id, attempt, format!("{e:#}")).await?,
+    }
+    Ok(())
+}
+
+async fn report_failure(client: &mut Client, state: &WorkerState, task: &str, attempt: u64, error: String) -> anyhow::Result<()> {
+    tracing::error!(task, attempt, %error, "task failed");
+    let report = pb::FailureReport { worker_id: state.worker_id.clone(), task_id: task.into(), attempt, error };
+    match client.report_failure(report).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(()),
+        Err(s) => Err(s).context("reporting a failure"),
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: Client,
+    mut req: pb::HeartbeatRequest,
+    period: Duration,
+    progress: Arc<Mutex<pb::Progress>>,
+    cancel: Arc<AtomicBool>,
+) {
+    let mut interval = tokio::time::interval(period);
+    loop {
+        interval.tick().await;
+        req.progress = Some(progress.lock().expect("progress lock").clone());
+        match client.heartbeat(req.clone()).await {
+            Ok(r) if !r.get_ref().continue_task => {
+                tracing::warn!(task = %req.task_id, attempt = req.attempt, "the coordinator revoked the lease; stopping");
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(s) => tracing::warn!(task = %req.task_id, "heartbeat failed: {}", s.message()),
+        }
+    }
+}
+
+async fn fetch(client: &mut Client, state: &WorkerState, artifact: &pb::ArtifactRef) -> anyhow::Result<Vec<u8>> {
+    if let Some(bytes) = state.cache.read_verified(artifact) {
+        return Ok(bytes);
+    }
+    let bytes = client::download(client, &state.worker_id, artifact).await?;
+    state.cache.store(artifact, &bytes)?;
+    tracing::info!(artifact = %artifact.name, bytes = bytes.len(), "downloaded");
+    Ok(bytes)
+}
+
+async fn execute(
+    client: &mut Client,
+    state: &mut WorkerState,
+    assignment: &pb::TaskAssignment,
+    progress: Arc<Mutex<pb::Progress>>,
+    cancel: Arc<AtomicBool>,
+) -> anyhow::Result<TaskOutput> {
+    let spec: TaskSpec = serde_json::from_slice(&assignment.spec_json)
+        .context("the task spec is not valid (coordinator and worker versions differ?)")?;
+    let mut models = HashMap::new();
+    let mut transfer_files = Vec::new();
+    let mut dataset = None;
+    for input in &assignment.inputs {
+        if input.name == DATASET_ARTIFACT {
+            dataset = Some(input);
+        } else if let Some(model) = input.name.strip_prefix("models/") {
+            models.insert(model.to_string(), fetch(client, state, input).await?);
+        } else if input.name.starts_with("transfer/") {
+            fetch(client, state, input).await?;
+            transfer_files.push(input.clone());
+        } else {
+            anyhow::bail!("unknown input artifact {:?}", input.name);
+        }
+    }
+    let dataset = dataset.context("the task lists no dataset")?;
+    let splits = match &state.dataset {
+        Some((sha, splits)) if *sha == dataset.sha256 => splits.clone(),
+        _ => {
+            let bytes = fetch(client, state, dataset).await?;
+            let path = state.cache.path(&dataset.sha256);
+            let splits = Arc::new(tokio::task::spawn_blocking(move || decode_splits(&bytes, &path)).await??);
+            state.dataset = Some((dataset.sha256.clone(), splits.clone()));
+            splits
+        }
+    };
+    let transfer_dir = if transfer_files.is_empty() {
+        None
+    } else {
+        Some(assemble_transfer_set(state, &transfer_files)?)
+    };
+    let device = state.device.clone();
+    let phase = match &spec {
+        TaskSpec::Train(_) => "training",
+        TaskSpec::Infer(_) => "inference",
+        TaskSpec::Evaluate(_) => "evaluation",
+    };
+    let mut observer = Observer { progress, cancel, phase };
+    // Compute runs on its own thread; the runtime keeps heartbeating.
+    let output = tokio::task::spawn_blocking(move || {
+        let inputs = TaskInputs { splits: &splits, models, transfer_dir };
+        spec.execute(&inputs, &device, &mut observer)
+    })
+    .await
+    .context("the compute thread panicked")??;
+    Ok(output)
+}
+
+/// Lays the cached transfer-set files out as a folder (hard links, or
+/// copies across file systems) named after the manifest's checksum.
+fn assemble_transfer_set(state: &WorkerState, files: &[pb::ArtifactRef]) -> anyhow::Result<PathBuf> {
+    let manifest = files
+        .iter()
+        .find(|f| f.name == TRANSFER_MANIFEST_ARTIFACT)
+        .context("the transfer set's manifest is not among the inputs")?;
+    let dir = state.scratch.join(format!("transfer-{}", &manifest.sha256[..16]));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for f in files {
+        let name = f.name.strip_prefix("transfer/").expect("transfer artifact");
+        let target = dir.join(name);
+        let source = state.cache.path(&f.sha256);
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(&source, &target).is_err() {
+            std::fs::copy(&source, &target).with_context(|| format!("cannot copy {} to {}", source.display(), target.display()))?;
+        }
+    }
+    Ok(dir)
+}
