@@ -2,7 +2,8 @@
 """Reads our artifacts with nothing but numpy + safetensors, as a user would.
 
 Given the output folder of `mnist_paper` (report.json, *.safetensors models,
-transfer-<fingerprint>/), it
+transfer-<fingerprint>/) or of a cluster job (report.json, models/,
+transfer/, dataset.safetensors with the splits), it
   * loads each model file, checks its metadata, runs its forward pass in
     numpy on the MNIST test set and compares the error count with the one
     in report.json (they must agree exactly, up to float ties);
@@ -10,6 +11,7 @@ transfer-<fingerprint>/), it
     checks tensor names, dtypes, shapes and example ranges.
 
 usage: python3 bench/check_artifacts.py OUT_DIR [MNIST_DIR]
+(MNIST_DIR is only read for `mnist_paper` folders.)
 """
 import gzip
 import hashlib
@@ -75,8 +77,40 @@ def check_transfer_set(folder):
     return len(manifest["shards"]), rows
 
 
+def load_test_split(bundle):
+    """The test split of a cluster job's dataset.safetensors."""
+    with safe_open(str(bundle), framework="numpy") as f:
+        meta = f.metadata()
+    assert meta["format"] == "distill-dataset/1", meta
+    tensors = load_file(str(bundle))
+    x = tensors["test.features"]
+    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+    return x, tensors["test.labels"].astype(np.int64)
+
+
+def check_cluster_output(out):
+    report = json.loads((out / "report.json").read_text())
+    x, labels = load_test_split(out / "dataset.safetensors")
+    assert report["test_examples"] == len(labels)
+    assert sum(m["primary"] for m in report["models"]) == 1
+    for model in report["models"]:
+        if model["file"] is None:  # an ensemble has no file of its own
+            continue
+        layers, _ = load_model(out / model["file"])
+        errors = int((forward(layers, x).argmax(axis=1) != labels).sum())
+        ours = model["test_errors"]
+        print(f"{model['name']} ({model['role']}): numpy {errors} test errors, report {ours}")
+        assert abs(errors - ours) <= 2, "numpy evaluation disagrees with ours"
+    shards, rows = check_transfer_set(out / "transfer")
+    assert shards == report["transfer_set"]["shards"] and rows == report["transfer_set"]["examples"]
+    print(f"transfer: {shards} shards, {rows} rows, checksums ok")
+    print("artifacts ok")
+
+
 def main():
     out = Path(sys.argv[1])
+    if (out / "dataset.safetensors").exists():
+        return check_cluster_output(out)
     mnist = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(
         os.environ.get("DATASETS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")
     ) / "mnist"

@@ -9,6 +9,7 @@ pub mod atomic_file;
 pub mod checksum;
 pub mod dataset;
 pub mod error;
+pub mod logging;
 pub mod paths;
 pub mod seed;
 pub mod transfer;

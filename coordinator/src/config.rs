@@ -241,8 +241,7 @@ impl ClusterConfig {
                 });
             }
         }
-        let mut cfg: ClusterConfig =
-            toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let mut cfg: ClusterConfig = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         cfg.output_dir = base.join(&cfg.output_dir);
         if let Some(dir) = &cfg.dataset.dir {
             cfg.dataset.dir = Some(base.join(dir));
@@ -302,22 +301,34 @@ impl ClusterConfig {
         }
         let d = &self.dataset;
         if d.validation_size == 0 {
-            return Err(invalid("dataset.validation_size", "must be at least 1, got 0".into()));
+            return Err(invalid(
+                "dataset.validation_size",
+                "must be at least 1, got 0".into(),
+            ));
         }
         if d.train_limit == Some(0) {
-            return Err(invalid("dataset.train_limit", "must be at least 1, got 0".into()));
+            return Err(invalid(
+                "dataset.train_limit",
+                "must be at least 1, got 0".into(),
+            ));
         }
         match (d.source, &d.synthetic, &d.dir) {
             (DatasetSource::Synthetic, Some(spec), _) => spec
                 .validate()
                 .map_err(|e| invalid("dataset.synthetic", e.to_string()))?,
             (DatasetSource::Synthetic, None, Some(_)) => {
-                return Err(invalid("dataset.dir", "is not used by source = \"synthetic\"".into()))
+                return Err(invalid(
+                    "dataset.dir",
+                    "is not used by source = \"synthetic\"".into(),
+                ))
             }
             (_, Some(_), _) => {
                 return Err(invalid(
                     "dataset.synthetic",
-                    format!("is only allowed with source = \"synthetic\", not {:?}", d.source.name()),
+                    format!(
+                        "is only allowed with source = \"synthetic\", not {:?}",
+                        d.source.name()
+                    ),
                 ))
             }
             _ => {}
@@ -340,7 +351,9 @@ impl ClusterConfig {
                     format!("must list at least one layer width, each at least 1, got {hidden:?}"),
                 ));
             }
-            train.validate().map_err(|e| invalid(&format!("{table}.train"), e.to_string()))?;
+            train
+                .validate()
+                .map_err(|e| invalid(&format!("{table}.train"), e.to_string()))?;
         }
         self.student
             .distill
@@ -415,15 +428,23 @@ hidden = [16]
             ("max_attempts = 0\n", "max_attempts"),
         ] {
             let err = parse(&format!("{edit}{MINIMAL}")).unwrap_err();
-            assert!(err.to_string().contains(&format!("`{key}`")), "{key}: {err}");
+            assert!(
+                err.to_string().contains(&format!("`{key}`")),
+                "{key}: {err}"
+            );
         }
         let err = parse(&format!("{MINIMAL}\n[student.train]\nlearning_rate = -1.0")).unwrap_err();
-        assert!(err.to_string().contains("`student.train`") && err.to_string().contains("learning_rate"), "{err}");
+        assert!(
+            err.to_string().contains("`student.train`")
+                && err.to_string().contains("learning_rate"),
+            "{err}"
+        );
         let err = parse(&format!("{MINIMAL}\n[student.distill]\ntemperature = 0.0")).unwrap_err();
         assert!(err.to_string().contains("temperature"), "{err}");
         let err = parse(&MINIMAL.replace("hidden = [16]", "hidden = []")).unwrap_err();
         assert!(err.to_string().contains("`student.hidden`"), "{err}");
-        let err = parse(&MINIMAL.replace("source = \"synthetic\"", "source = \"cifar\"")).unwrap_err();
+        let err =
+            parse(&MINIMAL.replace("source = \"synthetic\"", "source = \"cifar\"")).unwrap_err();
         assert!(err.to_string().contains("fashion-mnist"), "{err}");
     }
 

@@ -104,7 +104,10 @@ impl Job {
         poll_ms: u32,
     ) -> Self {
         let scheduler = Scheduler::new(
-            plan.tasks.iter().map(|t| (t.id.clone(), t.deps.clone())).collect(),
+            plan.tasks
+                .iter()
+                .map(|t| (t.id.clone(), t.deps.clone()))
+                .collect(),
             lease_timeout,
             max_attempts,
         );
@@ -135,7 +138,12 @@ impl Job {
         tracing::info!(worker = %id, device = %capabilities.device, threads = capabilities.threads, "worker registered");
         self.workers.insert(
             id.clone(),
-            WorkerInfo { capabilities, last_seen: now, task: None, progress: None },
+            WorkerInfo {
+                capabilities,
+                last_seen: now,
+                task: None,
+                progress: None,
+            },
         );
         id
     }
@@ -176,7 +184,11 @@ impl Job {
                         let a = self.store.get(name).unwrap_or_else(|| {
                             panic!("input {name} of ready task {} is not stored", planned.id)
                         });
-                        pb::ArtifactRef { name: name.clone(), sha256: a.sha256.clone(), size: a.size }
+                        pb::ArtifactRef {
+                            name: name.clone(),
+                            sha256: a.sha256.clone(),
+                            size: a.size,
+                        }
                     })
                     .collect();
                 tracing::info!(task = %planned.id, attempt, worker, what = %planned.spec.describe(), "task started");
@@ -191,21 +203,32 @@ impl Job {
                 w.progress = None;
                 pb::lease_response::Outcome::Task(assignment)
             }
-            LeaseDecision::Wait => pb::lease_response::Outcome::Wait(pb::Wait { retry_after_ms: self.poll_ms }),
+            LeaseDecision::Wait => pb::lease_response::Outcome::Wait(pb::Wait {
+                retry_after_ms: self.poll_ms,
+            }),
             LeaseDecision::JobOver => {
                 self.told_over.insert(worker.to_string());
                 pb::lease_response::Outcome::JobOver(pb::JobOver {
                     succeeded: self.scheduler.succeeded(),
-                    message: self.scheduler.failure().unwrap_or_else(|| "job done".into()),
+                    message: self
+                        .scheduler
+                        .failure()
+                        .unwrap_or_else(|| "job done".into()),
                 })
             }
         };
-        Ok(pb::LeaseResponse { outcome: Some(outcome) })
+        Ok(pb::LeaseResponse {
+            outcome: Some(outcome),
+        })
     }
 
     /// Renews a lease and records progress; `Ok(false)` tells the worker to
     /// stop (its attempt is no longer current).
-    pub fn heartbeat(&mut self, req: &pb::HeartbeatRequest, now: Duration) -> Result<bool, JobError> {
+    pub fn heartbeat(
+        &mut self,
+        req: &pb::HeartbeatRequest,
+        now: Duration,
+    ) -> Result<bool, JobError> {
         let worker = self.touch(&req.worker_id, now)?;
         worker.progress = req.progress.clone();
         let task = self.task_index(&req.task_id)?;
@@ -222,7 +245,11 @@ impl Job {
     }
 
     /// Checks, before receiving the payload, that an upload may be accepted.
-    pub fn check_upload(&mut self, header: &pb::UploadHeader, now: Duration) -> Result<(), JobError> {
+    pub fn check_upload(
+        &mut self,
+        header: &pb::UploadHeader,
+        now: Duration,
+    ) -> Result<(), JobError> {
         self.touch(&header.worker_id, now)?;
         let task = self.task_index(&header.task_id)?;
         self.scheduler.check_current(task, header.attempt)?;
@@ -240,12 +267,21 @@ impl Job {
         self.check_upload(header, now)?;
         let task = self.task_index(&header.task_id)?;
         let planned = &self.plan.tasks[task];
-        let bad = |reason: String| JobError::BadResult { task: planned.id.clone(), reason };
+        let bad = |reason: String| JobError::BadResult {
+            task: planned.id.clone(),
+            reason,
+        };
         let stored = match &planned.output {
             Output::Model(name) => {
-                distill::model_io::from_bytes(payload, std::path::Path::new(name), &candle_core::Device::Cpu)
-                    .map_err(|e| bad(e.to_string()))?;
-                self.store.put(&distill::task::model_artifact(name), payload)?.clone()
+                distill::model_io::from_bytes(
+                    payload,
+                    std::path::Path::new(name),
+                    &candle_core::Device::Cpu,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                self.store
+                    .put(&distill::task::model_artifact(name), payload)?
+                    .clone()
             }
             Output::Shard { index, range } => {
                 let entry = store_encoded_shard(
@@ -263,34 +299,45 @@ impl Job {
                 let path = self.transfer_dir.join(&entry.file);
                 let stored = self
                     .store
-                    .record(&shard_artifact(*index), path, entry.sha256.clone(), payload.len() as u64)
+                    .record(
+                        &shard_artifact(*index),
+                        path,
+                        entry.sha256.clone(),
+                        payload.len() as u64,
+                    )
                     .clone();
                 self.shard_entries[*index] = Some(entry);
                 stored
             }
             Output::Evaluation => {
-                let results: Vec<ModelEvaluation> =
-                    serde_json::from_slice(payload).map_err(|e| bad(format!("not an evaluation list: {e}")))?;
+                let results: Vec<ModelEvaluation> = serde_json::from_slice(payload)
+                    .map_err(|e| bad(format!("not an evaluation list: {e}")))?;
                 let stored = self.store.put("evaluation", payload)?.clone();
                 self.evaluations = Some(results);
                 stored
             }
         };
-        let summary = serde_json::from_slice(&header.summary_json).unwrap_or(serde_json::Value::Null);
+        let summary =
+            serde_json::from_slice(&header.summary_json).unwrap_or(serde_json::Value::Null);
         self.records.insert(
             planned.id.clone(),
-            TaskRecord { summary, seconds: header.seconds },
+            TaskRecord {
+                summary,
+                seconds: header.seconds,
+            },
         );
         let id = planned.id.clone();
         let is_shard = matches!(planned.output, Output::Shard { .. });
+        // The manifest goes first: completing the last shard makes the
+        // student's task (which reads it) ready.
+        if is_shard && self.shard_entries.iter().all(Option::is_some) {
+            self.finish_transfer_set()?;
+        }
         self.scheduler.complete(task, header.attempt)?;
         if let Some(w) = self.workers.get_mut(&header.worker_id) {
             w.task = None;
         }
         tracing::info!(task = %id, attempt = header.attempt, worker = %header.worker_id, seconds = header.seconds, bytes = payload.len(), "task finished");
-        if is_shard && self.shard_entries.iter().all(Option::is_some) {
-            self.finish_transfer_set()?;
-        }
         Ok(stored)
     }
 
@@ -345,7 +392,12 @@ impl Job {
     }
 
     /// The artifact called `name`, for a download.
-    pub fn artifact(&mut self, worker: &str, name: &str, now: Duration) -> Result<StoredArtifact, JobError> {
+    pub fn artifact(
+        &mut self,
+        worker: &str,
+        name: &str,
+        now: Duration,
+    ) -> Result<StoredArtifact, JobError> {
         self.touch(worker, now)?;
         self.store
             .get(name)
@@ -363,7 +415,10 @@ impl Job {
                 let (task, _) = w.task.as_ref()?;
                 let p = w.progress.as_ref();
                 Some(match p {
-                    Some(p) if p.epochs > 0 => format!("{id}: {task} epoch {}/{} loss {:.4}", p.epoch, p.epochs, p.loss),
+                    Some(p) if p.epochs > 0 => format!(
+                        "{id}: {task} epoch {}/{} loss {:.4}",
+                        p.epoch, p.epochs, p.loss
+                    ),
                     _ => format!("{id}: {task}"),
                 })
             })
@@ -386,5 +441,161 @@ impl Job {
         self.scheduler
             .index_of(task)
             .is_some_and(|i| self.scheduler.state(i) == &TaskState::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClusterConfig;
+    use common::checksum::sha256_hex;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn job(dir: &std::path::Path) -> Job {
+        let text = "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
+                    [teachers]\nhidden = [4]\n[student]\nhidden = [4]\n";
+        let cfg = ClusterConfig::parse(text, std::path::Path::new("c.toml"), dir).unwrap();
+        let plan = crate::plan::plan(&cfg, 10).unwrap();
+        let mut store = ArtifactStore::new(dir);
+        store.put("dataset", b"splits").unwrap();
+        Job::new(
+            plan,
+            store,
+            dir.join("transfer"),
+            ("fp", 10, 3),
+            10 * SECOND,
+            2,
+            100,
+        )
+    }
+
+    fn caps() -> pb::Capabilities {
+        pb::Capabilities {
+            hostname: "h".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
+    fn leased(job: &mut Job, worker: &str, now: Duration) -> pb::TaskAssignment {
+        match job.lease(worker, now).unwrap().outcome {
+            Some(pb::lease_response::Outcome::Task(t)) => t,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    fn header(worker: &str, task: &pb::TaskAssignment, payload: &[u8]) -> pb::UploadHeader {
+        pb::UploadHeader {
+            worker_id: worker.into(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            sha256: sha256_hex(payload),
+            size: payload.len() as u64,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unknown_workers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        assert!(matches!(
+            job.lease("nobody", SECOND),
+            Err(JobError::UnknownWorker(_))
+        ));
+    }
+
+    #[test]
+    fn leases_carry_the_spec_and_the_inputs_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let task = leased(&mut job, &w, SECOND);
+        assert_eq!(task.task_id, "teacher-0");
+        let spec: distill::task::TaskSpec = serde_json::from_slice(&task.spec_json).unwrap();
+        assert_eq!(spec.describe(), "train teacher-0");
+        assert_eq!(task.inputs.len(), 1);
+        assert_eq!(task.inputs[0].sha256, sha256_hex(b"splits"));
+    }
+
+    #[test]
+    fn a_malformed_model_is_refused_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let task = leased(&mut job, &w, SECOND);
+        let err = job
+            .accept_result(&header(&w, &task, b"garbage"), b"garbage", SECOND)
+            .unwrap_err();
+        assert!(matches!(err, JobError::BadResult { .. }), "{err}");
+        assert!(job.store.get("models/teacher-0").is_none());
+        assert!(!dir.path().join("models/teacher-0.safetensors").exists());
+        assert!(
+            !job.is_done("teacher-0"),
+            "the attempt may still deliver a good result"
+        );
+    }
+
+    #[test]
+    fn a_shard_for_the_wrong_rows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        // Finish teacher-0 and the baseline by hand so inference can start.
+        for _ in 0..2 {
+            let t = leased(&mut job, &w, SECOND);
+            let i = job.scheduler.index_of(&t.task_id).unwrap();
+            job.scheduler.complete(i, t.attempt).unwrap();
+            let name = distill::task::model_artifact(&t.task_id);
+            job.store.put(&name, b"model").unwrap();
+        }
+        let infer = leased(&mut job, &w, SECOND);
+        assert_eq!(infer.task_id, "infer-00000");
+        let logits = vec![0.0f32; 5 * 3];
+        let wrong =
+            common::transfer::encode_shard(3, 5, 3, &["teacher-0".into()], &[&logits]).unwrap();
+        let err = job
+            .accept_result(&header(&w, &infer, &wrong), &wrong, SECOND)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not hold 0..5"), "{err}");
+        assert!(!dir.path().join("transfer/shard-00000.safetensors").exists());
+        let right =
+            common::transfer::encode_shard(0, 5, 3, &["teacher-0".into()], &[&logits]).unwrap();
+        job.accept_result(&header(&w, &infer, &right), &right, SECOND)
+            .unwrap();
+        assert!(job.is_done("infer-00000"));
+        assert!(
+            job.store
+                .get(distill::task::TRANSFER_MANIFEST_ARTIFACT)
+                .is_none(),
+            "one shard of two"
+        );
+    }
+
+    #[test]
+    fn a_result_from_an_expired_attempt_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w1 = job.register(caps(), Duration::ZERO);
+        let w2 = job.register(caps(), Duration::ZERO);
+        let stale = leased(&mut job, &w1, Duration::ZERO);
+        job.tick(20 * SECOND);
+        let fresh = leased(&mut job, &w2, 20 * SECOND);
+        assert_eq!(fresh.task_id, stale.task_id);
+        assert!(matches!(
+            job.check_upload(&header(&w1, &stale, b"x"), 21 * SECOND),
+            Err(JobError::Refused(_))
+        ));
+        let hb = pb::HeartbeatRequest {
+            worker_id: w1.clone(),
+            task_id: stale.task_id.clone(),
+            attempt: stale.attempt,
+            progress: None,
+        };
+        assert!(
+            !job.heartbeat(&hb, 21 * SECOND).unwrap(),
+            "the stale worker is told to stop"
+        );
     }
 }

@@ -64,11 +64,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         .parse()
         .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:50051"))?;
     let out = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output_dir {}", out.display()))?;
-    let out = out.canonicalize().with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output_dir {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
 
     let cfg_for_data = cfg.clone();
-    let splits = tokio::task::spawn_blocking(move || crate::data::load_splits(&cfg_for_data)).await??;
+    let splits =
+        tokio::task::spawn_blocking(move || crate::data::load_splits(&cfg_for_data)).await??;
     tracing::info!(
         dataset = cfg.dataset.source.name(),
         train = splits.train.len(),
@@ -106,7 +110,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         poll_ms,
     );
     let tasks = job.scheduler.len();
-    let shared = SharedJob::new(job, started, cfg.heartbeat_interval_ms as u32, cfg.dataset.source.name().into());
+    let shared = SharedJob::new(
+        job,
+        started,
+        cfg.heartbeat_interval_ms as u32,
+        cfg.dataset.source.name().into(),
+    );
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -125,7 +134,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(CoordinatorServer::new(CoordinatorService::new(shared.clone())))
+            .add_service(CoordinatorServer::new(CoordinatorService::new(
+                shared.clone(),
+            )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -148,7 +159,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Err(e) => Err(e),
     };
     // Let connected workers learn that the job is over before going away.
-    wait_for_workers_told(&shared, Duration::from_millis(3 * cfg.heartbeat_interval_ms + 2000)).await;
+    wait_for_workers_told(
+        &shared,
+        Duration::from_millis(3 * cfg.heartbeat_interval_ms + 2000),
+    )
+    .await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if let Some(local) = local {
@@ -159,7 +174,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
 
 /// The main loop: expires leases, logs a summary now and then, and returns
 /// when the job is over (an error if it failed or was interrupted).
-async fn supervise(shared: &SharedJob, cfg: &ClusterConfig, local: &mut Option<LocalWorkers>) -> anyhow::Result<()> {
+async fn supervise(
+    shared: &SharedJob,
+    cfg: &ClusterConfig,
+    local: &mut Option<LocalWorkers>,
+) -> anyhow::Result<()> {
     let summary_every = Duration::from_secs_f64(cfg.summary_interval_secs);
     let mut last_summary = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_millis(100));
@@ -187,7 +206,9 @@ async fn supervise(shared: &SharedJob, cfg: &ClusterConfig, local: &mut Option<L
         }
         if let Some(l) = local.as_mut() {
             if l.running() == 0 {
-                anyhow::bail!("all local workers exited before the job finished (see their log lines above)");
+                anyhow::bail!(
+                    "all local workers exited before the job finished (see their log lines above)"
+                );
             }
         }
     }
@@ -195,7 +216,9 @@ async fn supervise(shared: &SharedJob, cfg: &ClusterConfig, local: &mut Option<L
 
 #[cfg(unix)]
 fn terminate_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
-    Ok(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?)
+    Ok(tokio::signal::unix::signal(
+        tokio::signal::unix::SignalKind::terminate(),
+    )?)
 }
 
 async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
@@ -205,7 +228,9 @@ async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
         let pending = shared.with(|job| {
             job.workers
                 .iter()
-                .filter(|(id, w)| !job.told_over.contains(*id) && now.saturating_sub(w.last_seen) < grace)
+                .filter(|(id, w)| {
+                    !job.told_over.contains(*id) && now.saturating_sub(w.last_seen) < grace
+                })
                 .count()
         });
         if pending == 0 {
@@ -223,7 +248,10 @@ fn finish_report(
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     let report = shared.with(|job| -> anyhow::Result<_> {
-        let evaluations = job.evaluations.clone().context("the evaluation task stored no results")?;
+        let evaluations = job
+            .evaluations
+            .clone()
+            .context("the evaluation task stored no results")?;
         let bytes = (0..job.plan.shards)
             .filter_map(|i| job.store.get(&distill::task::shard_artifact(i)))
             .map(|a| a.size)
@@ -248,5 +276,8 @@ fn finish_report(
     report.write(out)?;
     let path = out.join("report.json");
     tracing::info!(report = %path.display(), "job done");
-    Ok(Outcome { report: path, summary: report.to_markdown() })
+    Ok(Outcome {
+        report: path,
+        summary: report.to_markdown(),
+    })
 }

@@ -30,7 +30,12 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
 impl LocalWorkers {
     /// Starts `count` CPU workers with `threads` compute threads each,
     /// talking to `coordinator`, with scratch folders under `scratch_root`.
-    pub fn spawn(count: usize, threads: usize, coordinator: &str, scratch_root: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(
+        count: usize,
+        threads: usize,
+        coordinator: &str,
+        scratch_root: &Path,
+    ) -> anyhow::Result<Self> {
         let binary = worker_binary()?;
         let mut children = Vec::with_capacity(count);
         for i in 0..count {
@@ -70,7 +75,10 @@ impl LocalWorkers {
     pub async fn finish(mut self, grace: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         for child in &mut self.children {
-            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }

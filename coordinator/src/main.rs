@@ -3,19 +3,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use common::logging::LogFormat;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Coordinator of a distillation job: shards the data, hands teacher
 /// training, teacher inference and student distillation to workers over
@@ -35,15 +27,15 @@ struct Args {
     /// Compute threads per local worker (default: the cores divided among them).
     #[arg(long)]
     local_worker_threads: Option<usize>,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing(args.log_format);
+    common::logging::init(args.log_format);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let opts = coordinator::Options {
         config: args.config,
@@ -63,15 +55,5 @@ async fn main() -> std::process::ExitCode {
             eprintln!("coordinator: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

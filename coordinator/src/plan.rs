@@ -67,21 +67,26 @@ pub struct Plan {
 
 /// Plans the job of `cfg` for a training split of `train_len` examples.
 pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
-    let teachers: Vec<String> = (0..cfg.teachers.count).map(|k| format!("teacher-{k}")).collect();
-    let seeded = |base: &TrainConfig, name: &str| TrainConfig {
-        seed: derive_seed(cfg.seed, name),
-        ..base.clone()
+    let teachers: Vec<String> = (0..cfg.teachers.count)
+        .map(|k| format!("teacher-{k}"))
+        .collect();
+    // Each model trains with its own seed, derived from the job's and its name.
+    let train = |name: &str, hidden: &[usize], base: &TrainConfig, distill| {
+        TaskSpec::Train(TrainTask {
+            model: name.into(),
+            hidden: hidden.to_vec(),
+            train: TrainConfig {
+                seed: derive_seed(cfg.seed, name),
+                ..base.clone()
+            },
+            distill,
+        })
     };
     let mut tasks = Vec::new();
     for name in &teachers {
         tasks.push(PlannedTask {
             id: name.clone(),
-            spec: TaskSpec::Train(TrainTask {
-                model: name.clone(),
-                hidden: cfg.teachers.hidden.clone(),
-                train: seeded(&cfg.teachers.train, name),
-                distill: None,
-            }),
+            spec: train(name, &cfg.teachers.hidden, &cfg.teachers.train, None),
             deps: vec![],
             inputs: vec![DATASET_ARTIFACT.into()],
             output: Output::Model(name.clone()),
@@ -90,12 +95,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     let teacher_tasks: Vec<usize> = (0..teachers.len()).collect();
     tasks.push(PlannedTask {
         id: BASELINE.into(),
-        spec: TaskSpec::Train(TrainTask {
-            model: BASELINE.into(),
-            hidden: cfg.student.hidden.clone(),
-            train: seeded(cfg.baseline_train(), BASELINE),
-            distill: None,
-        }),
+        spec: train(BASELINE, &cfg.student.hidden, cfg.baseline_train(), None),
         deps: vec![],
         inputs: vec![DATASET_ARTIFACT.into()],
         output: Output::Model(BASELINE.into()),
@@ -121,16 +121,19 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             output: Output::Shard { index, range },
         });
     }
-    let mut student_inputs = vec![DATASET_ARTIFACT.to_string(), TRANSFER_MANIFEST_ARTIFACT.into()];
+    let mut student_inputs = vec![
+        DATASET_ARTIFACT.to_string(),
+        TRANSFER_MANIFEST_ARTIFACT.into(),
+    ];
     student_inputs.extend((0..infer_tasks.len()).map(shard_artifact));
     tasks.push(PlannedTask {
         id: STUDENT.into(),
-        spec: TaskSpec::Train(TrainTask {
-            model: STUDENT.into(),
-            hidden: cfg.student.hidden.clone(),
-            train: seeded(&cfg.student.train, STUDENT),
-            distill: Some(cfg.student.distill.clone()),
-        }),
+        spec: train(
+            STUDENT,
+            &cfg.student.hidden,
+            &cfg.student.train,
+            Some(cfg.student.distill.clone()),
+        ),
         deps: infer_tasks,
         inputs: student_inputs,
         output: Output::Model(STUDENT.into()),
@@ -148,14 +151,21 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     deps.extend([baseline_task, student_task]);
     tasks.push(PlannedTask {
         id: EVALUATE.into(),
-        spec: TaskSpec::Evaluate(EvaluateTask { models: models.clone(), ensemble }),
+        spec: TaskSpec::Evaluate(EvaluateTask {
+            models: models.clone(),
+            ensemble,
+        }),
         deps,
         inputs: std::iter::once(DATASET_ARTIFACT.to_string())
             .chain(models.iter().map(|m| model_artifact(m)))
             .collect(),
         output: Output::Evaluation,
     });
-    Ok(Plan { tasks, teachers, shards })
+    Ok(Plan {
+        tasks,
+        teachers,
+        shards,
+    })
 }
 
 #[cfg(test)]
@@ -177,13 +187,26 @@ mod tests {
         let ids: Vec<&str> = p.tasks.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["teacher-0", "teacher-1", "baseline", "infer-00000", "infer-00001", "infer-00002", "student", "evaluate"]
+            [
+                "teacher-0",
+                "teacher-1",
+                "baseline",
+                "infer-00000",
+                "infer-00001",
+                "infer-00002",
+                "student",
+                "evaluate"
+            ]
         );
         assert_eq!(p.tasks[3].deps, vec![0, 1]);
         assert_eq!(p.tasks[6].deps, vec![3, 4, 5]);
         assert_eq!(p.tasks[7].deps, vec![0, 1, 2, 6]);
         for (i, t) in p.tasks.iter().enumerate() {
-            assert!(t.deps.iter().all(|&d| d < i), "{} depends on a later task", t.id);
+            assert!(
+                t.deps.iter().all(|&d| d < i),
+                "{} depends on a later task",
+                t.id
+            );
         }
         let ranges: Vec<_> = p.tasks[3..6]
             .iter()
@@ -193,7 +216,9 @@ mod tests {
             })
             .collect();
         assert_eq!(ranges, vec![0..34, 34..67, 67..100]);
-        assert!(p.tasks[6].inputs.contains(&"transfer/shard-00002.safetensors".to_string()));
+        assert!(p.tasks[6]
+            .inputs
+            .contains(&"transfer/shard-00002.safetensors".to_string()));
         match &p.tasks[7].spec {
             TaskSpec::Evaluate(e) => assert_eq!(e.ensemble.as_ref().unwrap().members, p.teachers),
             other => panic!("{other:?}"),

@@ -70,7 +70,9 @@ pub enum Refusal {
     UnknownTask(TaskIndex),
     /// The attempt is not the task's current lease (it expired, or the task
     /// was re-leased, completed or failed since).
-    #[error("attempt {attempt} of task {task} is not current (the lease expired or the task moved on)")]
+    #[error(
+        "attempt {attempt} of task {task} is not current (the lease expired or the task moved on)"
+    )]
     StaleAttempt {
         /// The task's id.
         task: String,
@@ -129,18 +131,40 @@ impl Scheduler {
     /// A scheduler for tasks given as `(id, dependencies)`, in an order where
     /// every dependency comes before its dependants. Panics on a forward or
     /// self dependency (a bug in the planner, not a user error).
-    pub fn new(tasks: Vec<(String, Vec<TaskIndex>)>, lease_timeout: Duration, max_attempts: u32) -> Self {
+    pub fn new(
+        tasks: Vec<(String, Vec<TaskIndex>)>,
+        lease_timeout: Duration,
+        max_attempts: u32,
+    ) -> Self {
         assert!(max_attempts >= 1, "max_attempts must be at least 1");
         let tasks = tasks
             .into_iter()
             .enumerate()
             .map(|(i, (id, deps))| {
-                assert!(deps.iter().all(|&d| d < i), "task {id} depends on a later task");
-                let state = if deps.is_empty() { TaskState::Ready } else { TaskState::Blocked };
-                Task { id, deps, state, attempts: 0, errors: Vec::new() }
+                assert!(
+                    deps.iter().all(|&d| d < i),
+                    "task {id} depends on a later task"
+                );
+                let state = if deps.is_empty() {
+                    TaskState::Ready
+                } else {
+                    TaskState::Blocked
+                };
+                Task {
+                    id,
+                    deps,
+                    state,
+                    attempts: 0,
+                    errors: Vec::new(),
+                }
             })
             .collect();
-        Scheduler { tasks, lease_timeout, max_attempts, next_attempt: 1 }
+        Scheduler {
+            tasks,
+            lease_timeout,
+            max_attempts,
+            next_attempt: 1,
+        }
     }
 
     /// Number of tasks.
@@ -195,14 +219,17 @@ impl Scheduler {
 
     /// The error messages of the first failed task, if the job failed.
     pub fn failure(&self) -> Option<String> {
-        self.tasks.iter().find(|t| t.state == TaskState::Failed).map(|t| {
-            format!(
-                "task {} failed {} times: {}",
-                t.id,
-                t.attempts,
-                t.errors.join("; ")
-            )
-        })
+        self.tasks
+            .iter()
+            .find(|t| t.state == TaskState::Failed)
+            .map(|t| {
+                format!(
+                    "task {} failed {} times: {}",
+                    t.id,
+                    t.attempts,
+                    t.errors.join("; ")
+                )
+            })
     }
 
     /// True once the job has succeeded or failed.
@@ -235,12 +262,20 @@ impl Scheduler {
         let t = self.tasks.get(task).ok_or(Refusal::UnknownTask(task))?;
         match t.state {
             TaskState::Leased { attempt: a, .. } if a == attempt => Ok(()),
-            _ => Err(Refusal::StaleAttempt { task: t.id.clone(), attempt }),
+            _ => Err(Refusal::StaleAttempt {
+                task: t.id.clone(),
+                attempt,
+            }),
         }
     }
 
     /// Renews the lease of `attempt` on `task` until `now + lease_timeout`.
-    pub fn heartbeat(&mut self, task: TaskIndex, attempt: u64, now: Duration) -> Result<(), Refusal> {
+    pub fn heartbeat(
+        &mut self,
+        task: TaskIndex,
+        attempt: u64,
+        now: Duration,
+    ) -> Result<(), Refusal> {
         self.check_current(task, attempt)?;
         if let TaskState::Leased { expires_at, .. } = &mut self.tasks[task].state {
             *expires_at = now + self.lease_timeout;
@@ -257,7 +292,9 @@ impl Scheduler {
         for i in task + 1..self.tasks.len() {
             let t = &self.tasks[i];
             if t.state == TaskState::Blocked
-                && t.deps.iter().all(|&d| self.tasks[d].state == TaskState::Done)
+                && t.deps
+                    .iter()
+                    .all(|&d| self.tasks[d].state == TaskState::Done)
             {
                 self.tasks[i].state = TaskState::Ready;
                 ready.push(i);
@@ -267,7 +304,12 @@ impl Scheduler {
     }
 
     /// Records that `attempt` of `task` failed with `error`.
-    pub fn fail(&mut self, task: TaskIndex, attempt: u64, error: &str) -> Result<FailureOutcome, Refusal> {
+    pub fn fail(
+        &mut self,
+        task: TaskIndex,
+        attempt: u64,
+        error: &str,
+    ) -> Result<FailureOutcome, Refusal> {
         self.check_current(task, attempt)?;
         Ok(self.give_up_attempt(task, error.to_string()))
     }
@@ -276,14 +318,26 @@ impl Scheduler {
     pub fn expire(&mut self, now: Duration) -> Vec<Expired> {
         let mut expired = Vec::new();
         for i in 0..self.tasks.len() {
-            if let TaskState::Leased { worker, attempt, expires_at } = &self.tasks[i].state {
+            if let TaskState::Leased {
+                worker,
+                attempt,
+                expires_at,
+            } = &self.tasks[i].state
+            {
                 if *expires_at <= now {
                     let (worker, attempt) = (worker.clone(), *attempt);
                     let outcome = self.give_up_attempt(
                         i,
-                        format!("lease of attempt {attempt} on worker {worker} expired (no heartbeat)"),
+                        format!(
+                            "lease of attempt {attempt} on worker {worker} expired (no heartbeat)"
+                        ),
                     );
-                    expired.push(Expired { task: i, worker, attempt, outcome });
+                    expired.push(Expired {
+                        task: i,
+                        worker,
+                        attempt,
+                        outcome,
+                    });
                 }
             }
         }
@@ -295,11 +349,22 @@ impl Scheduler {
     pub fn release_worker(&mut self, worker: &str) -> Vec<Expired> {
         let mut released = Vec::new();
         for i in 0..self.tasks.len() {
-            if let TaskState::Leased { worker: w, attempt, .. } = &self.tasks[i].state {
+            if let TaskState::Leased {
+                worker: w, attempt, ..
+            } = &self.tasks[i].state
+            {
                 if w == worker {
                     let attempt = *attempt;
-                    let outcome = self.give_up_attempt(i, format!("worker {worker} left during attempt {attempt}"));
-                    released.push(Expired { task: i, worker: worker.to_string(), attempt, outcome });
+                    let outcome = self.give_up_attempt(
+                        i,
+                        format!("worker {worker} left during attempt {attempt}"),
+                    );
+                    released.push(Expired {
+                        task: i,
+                        worker: worker.to_string(),
+                        attempt,
+                        outcome,
+                    });
                 }
             }
         }
@@ -355,7 +420,14 @@ mod tests {
         let s = diamond(3);
         assert_eq!(s.state(0), &TaskState::Ready);
         assert_eq!(s.state(2), &TaskState::Blocked);
-        assert_eq!(s.counts(), Counts { blocked: 2, ready: 2, ..Counts::default() });
+        assert_eq!(
+            s.counts(),
+            Counts {
+                blocked: 2,
+                ready: 2,
+                ..Counts::default()
+            }
+        );
     }
 
     #[test]
@@ -368,7 +440,11 @@ mod tests {
         assert_eq!(s.lease("w3", secs(0)), LeaseDecision::Wait);
         assert_eq!(
             s.state(0),
-            &TaskState::Leased { worker: "w1".into(), attempt: a0, expires_at: TIMEOUT }
+            &TaskState::Leased {
+                worker: "w1".into(),
+                attempt: a0,
+                expires_at: TIMEOUT
+            }
         );
     }
 
@@ -406,12 +482,20 @@ mod tests {
         let expired = s.expire(secs(10));
         assert_eq!(
             expired,
-            vec![Expired { task: t, worker: "w1".into(), attempt: stale, outcome: FailureOutcome::WillRetry }]
+            vec![Expired {
+                task: t,
+                worker: "w1".into(),
+                attempt: stale,
+                outcome: FailureOutcome::WillRetry
+            }]
         );
         assert_eq!(s.state(t), &TaskState::Ready);
         let (t2, fresh) = run(&mut s, "w2", secs(10));
         assert_eq!(t2, t);
-        let refused = Refusal::StaleAttempt { task: "a".into(), attempt: stale };
+        let refused = Refusal::StaleAttempt {
+            task: "a".into(),
+            attempt: stale,
+        };
         assert_eq!(s.heartbeat(t, stale, secs(11)), Err(refused.clone()));
         assert_eq!(s.complete(t, stale), Err(refused.clone()));
         assert_eq!(s.fail(t, stale, "late"), Err(refused));
@@ -423,7 +507,10 @@ mod tests {
         let mut s = diamond(3);
         let (t, a) = run(&mut s, "w1", secs(0));
         s.expire(secs(10));
-        assert!(matches!(s.complete(t, a), Err(Refusal::StaleAttempt { .. })));
+        assert!(matches!(
+            s.complete(t, a),
+            Err(Refusal::StaleAttempt { .. })
+        ));
         assert_eq!(s.state(t), &TaskState::Ready);
     }
 
@@ -438,7 +525,12 @@ mod tests {
         assert_eq!(s.fail(t, a2, "disk full"), Ok(FailureOutcome::JobFailed));
         assert_eq!(s.state(t), &TaskState::Failed);
         let msg = s.failure().unwrap();
-        assert!(msg.contains("task a failed 2 times") && msg.contains("out of memory") && msg.contains("disk full"), "{msg}");
+        assert!(
+            msg.contains("task a failed 2 times")
+                && msg.contains("out of memory")
+                && msg.contains("disk full"),
+            "{msg}"
+        );
         assert!(s.is_over() && !s.succeeded());
         assert_eq!(s.lease("w3", secs(2)), LeaseDecision::JobOver);
     }
@@ -471,7 +563,10 @@ mod tests {
         let (t, a) = run(&mut s, "w", secs(0));
         s.complete(t, a).unwrap();
         assert!(s.complete(t, a).is_err(), "a second result is refused");
-        assert!(s.expire(secs(100)).iter().all(|e| e.task != t), "done tasks never expire");
+        assert!(
+            s.expire(secs(100)).iter().all(|e| e.task != t),
+            "done tasks never expire"
+        );
         assert_eq!(s.index_of("c"), Some(2));
         assert_eq!(s.id(3), "d");
     }

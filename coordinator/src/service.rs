@@ -29,7 +29,12 @@ pub struct SharedJob {
 impl SharedJob {
     /// Shares `job`, whose clock started at `started`.
     pub fn new(job: Job, started: Instant, heartbeat_interval_ms: u32, job_name: String) -> Self {
-        SharedJob { job: Arc::new(Mutex::new(job)), started, heartbeat_interval_ms, job_name }
+        SharedJob {
+            job: Arc::new(Mutex::new(job)),
+            started,
+            heartbeat_interval_ms,
+            job_name,
+        }
     }
 
     /// Time since the job started (the scheduler's clock).
@@ -39,7 +44,10 @@ impl SharedJob {
 
     /// Runs `f` on the job under its lock.
     pub fn with<R>(&self, f: impl FnOnce(&mut Job) -> R) -> R {
-        let mut job = self.job.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut job = self
+            .job
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut job)
     }
 }
@@ -70,7 +78,10 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let caps = request
             .into_inner()
             .capabilities
@@ -91,24 +102,43 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn lease_task(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+    async fn lease_task(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
         let worker = request.into_inner().worker_id;
         let now = self.shared.now();
-        self.shared.with(|job| job.lease(&worker, now)).map(Response::new).map_err(status)
+        self.shared
+            .with(|job| job.lease(&worker, now))
+            .map(Response::new)
+            .map_err(status)
     }
 
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
         let now = self.shared.now();
-        let continue_task = self.shared.with(|job| job.heartbeat(&req, now)).map_err(status)?;
+        let continue_task = self
+            .shared
+            .with(|job| job.heartbeat(&req, now))
+            .map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse { continue_task }))
     }
 
-    async fn upload_result(&self, request: Request<Streaming<pb::UploadChunk>>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload_result(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|c| c.part) {
             Some(pb::upload_chunk::Part::Header(h)) => h,
-            _ => return Err(Status::invalid_argument("an upload must start with its header")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an upload must start with its header",
+                ))
+            }
         };
         if header.size > MAX_UPLOAD_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -118,7 +148,9 @@ impl Coordinator for CoordinatorService {
         }
         // Refuse a stale attempt before receiving its payload.
         let now = self.shared.now();
-        self.shared.with(|job| job.check_upload(&header, now)).map_err(status)?;
+        self.shared
+            .with(|job| job.check_upload(&header, now))
+            .map_err(status)?;
         let mut payload = Vec::with_capacity(header.size as usize);
         while let Some(chunk) = stream.message().await? {
             match chunk.part {
@@ -165,10 +197,16 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn report_failure(&self, request: Request<pb::FailureReport>) -> Result<Response<pb::FailureResponse>, Status> {
+    async fn report_failure(
+        &self,
+        request: Request<pb::FailureReport>,
+    ) -> Result<Response<pb::FailureResponse>, Status> {
         let report = request.into_inner();
         let now = self.shared.now();
-        let will_retry = self.shared.with(|job| job.fail(&report, now)).map_err(status)?;
+        let will_retry = self
+            .shared
+            .with(|job| job.fail(&report, now))
+            .map_err(status)?;
         Ok(Response::new(pb::FailureResponse { will_retry }))
     }
 
@@ -180,14 +218,23 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let req = request.into_inner();
         let now = self.shared.now();
-        let artifact = self.shared.with(|job| job.artifact(&req.worker_id, &req.name, now)).map_err(status)?;
-        let mut file = tokio::fs::File::open(&artifact.path)
-            .await
-            .map_err(|e| Status::internal(format!("cannot open {}: {e}", artifact.path.display())))?;
+        let artifact = self
+            .shared
+            .with(|job| job.artifact(&req.worker_id, &req.name, now))
+            .map_err(status)?;
+        let mut file = tokio::fs::File::open(&artifact.path).await.map_err(|e| {
+            Status::internal(format!("cannot open {}: {e}", artifact.path.display()))
+        })?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let header = pb::ArtifactRef { name: req.name, sha256: artifact.sha256, size: artifact.size };
+        let header = pb::ArtifactRef {
+            name: req.name,
+            sha256: artifact.sha256,
+            size: artifact.size,
+        };
         tokio::spawn(async move {
-            let header = pb::ArtifactChunk { part: Some(pb::artifact_chunk::Part::Header(header)) };
+            let header = pb::ArtifactChunk {
+                part: Some(pb::artifact_chunk::Part::Header(header)),
+            };
             if tx.send(Ok(header)).await.is_err() {
                 return;
             }
@@ -195,8 +242,13 @@ impl Coordinator for CoordinatorService {
             loop {
                 let msg = match file.read(&mut buf).await {
                     Ok(0) => return,
-                    Ok(n) => Ok(pb::ArtifactChunk { part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())) }),
-                    Err(e) => Err(Status::internal(format!("reading {}: {e}", artifact.path.display()))),
+                    Ok(n) => Ok(pb::ArtifactChunk {
+                        part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())),
+                    }),
+                    Err(e) => Err(Status::internal(format!(
+                        "reading {}: {e}",
+                        artifact.path.display()
+                    ))),
                 };
                 let failed = msg.is_err();
                 if tx.send(msg).await.is_err() || failed {

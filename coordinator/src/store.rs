@@ -60,8 +60,15 @@ impl ArtifactStore {
 
     /// Records an artifact that was written by other code (such as a
     /// transfer-set shard) under `path`.
-    pub fn record(&mut self, name: &str, path: PathBuf, sha256: String, size: u64) -> &StoredArtifact {
-        self.entries.insert(name.to_string(), StoredArtifact { path, sha256, size });
+    pub fn record(
+        &mut self,
+        name: &str,
+        path: PathBuf,
+        sha256: String,
+        size: u64,
+    ) -> &StoredArtifact {
+        self.entries
+            .insert(name.to_string(), StoredArtifact { path, sha256, size });
         &self.entries[name]
     }
 

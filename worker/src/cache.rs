@@ -19,7 +19,8 @@ impl ArtifactCache {
     /// A cache in `scratch` (created if missing).
     pub fn open(scratch: &Path) -> anyhow::Result<Self> {
         let dir = scratch.join("artifacts");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(ArtifactCache { dir })
     }
 
@@ -64,7 +65,11 @@ mod tests {
     use super::*;
 
     fn artifact(bytes: &[u8]) -> pb::ArtifactRef {
-        pb::ArtifactRef { name: "models/x".into(), sha256: sha256_hex(bytes), size: bytes.len() as u64 }
+        pb::ArtifactRef {
+            name: "models/x".into(),
+            sha256: sha256_hex(bytes),
+            size: bytes.len() as u64,
+        }
     }
 
     #[test]

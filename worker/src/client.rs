@@ -14,7 +14,11 @@ pub type Client = CoordinatorClient<Channel>;
 
 /// Retries `attempt` with exponential backoff (0.2 s doubling to 5 s) until
 /// it succeeds or `give_up_after` has passed since the first try.
-pub async fn with_backoff<T, F, Fut>(what: &str, give_up_after: Duration, mut attempt: F) -> anyhow::Result<T>
+pub async fn with_backoff<T, F, Fut>(
+    what: &str,
+    give_up_after: Duration,
+    mut attempt: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -52,9 +56,16 @@ pub async fn connect(url: &str) -> anyhow::Result<Client> {
 }
 
 /// Downloads artifact `name` and checks it against `expected`.
-pub async fn download(client: &mut Client, worker_id: &str, expected: &pb::ArtifactRef) -> anyhow::Result<Vec<u8>> {
+pub async fn download(
+    client: &mut Client,
+    worker_id: &str,
+    expected: &pb::ArtifactRef,
+) -> anyhow::Result<Vec<u8>> {
     let mut stream = client
-        .download_artifact(pb::DownloadRequest { worker_id: worker_id.into(), name: expected.name.clone() })
+        .download_artifact(pb::DownloadRequest {
+            worker_id: worker_id.into(),
+            name: expected.name.clone(),
+        })
         .await
         .with_context(|| format!("downloading {}", expected.name))?
         .into_inner();
@@ -95,7 +106,11 @@ pub struct UploadMeta {
 }
 
 /// Uploads a result: a header with the checksum, then chunks.
-pub async fn upload(client: &mut Client, meta: UploadMeta, payload: Vec<u8>) -> Result<pb::UploadResponse, tonic::Status> {
+pub async fn upload(
+    client: &mut Client,
+    meta: UploadMeta,
+    payload: Vec<u8>,
+) -> Result<pb::UploadResponse, tonic::Status> {
     let header = pb::UploadHeader {
         worker_id: meta.worker_id,
         task_id: meta.task_id,
@@ -105,11 +120,14 @@ pub async fn upload(client: &mut Client, meta: UploadMeta, payload: Vec<u8>) -> 
         seconds: meta.seconds,
         summary_json: meta.summary_json,
     };
-    let mut messages = vec![pb::UploadChunk { part: Some(pb::upload_chunk::Part::Header(header)) }];
-    messages.extend(
-        payload
-            .chunks(CHUNK_BYTES)
-            .map(|c| pb::UploadChunk { part: Some(pb::upload_chunk::Part::Data(c.to_vec())) }),
-    );
-    Ok(client.upload_result(tokio_stream::iter(messages)).await?.into_inner())
+    let mut messages = vec![pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Header(header)),
+    }];
+    messages.extend(payload.chunks(CHUNK_BYTES).map(|c| pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+    }));
+    Ok(client
+        .upload_result(tokio_stream::iter(messages))
+        .await?
+        .into_inner())
 }

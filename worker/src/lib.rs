@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use distill::device::{select, DeviceChoice};
 use proto::pb;
+use tracing::Instrument;
 
 use crate::cache::ArtifactCache;
 use crate::client::with_backoff;
@@ -49,9 +50,11 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         hostname: hostname(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let (mut client, registered) = register(&opts, &caps).await?;
+    let (client, registered) = register(&opts, &caps).await?;
     tracing::info!(worker = %registered.worker_id, job = %registered.job, "registered");
-    let mut state = WorkerState {
+    // Every later line (the compute thread's too) names this worker.
+    let span = tracing::info_span!("worker", id = %registered.worker_id);
+    let state = WorkerState {
         worker_id: registered.worker_id,
         heartbeat: Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10))),
         cache,
@@ -59,38 +62,53 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         device,
         dataset: None,
     };
+    serve(&opts, &caps, client, state).instrument(span).await
+}
+
+/// Leases and runs tasks until the job is over.
+async fn serve(
+    opts: &Options,
+    caps: &pb::Capabilities,
+    mut client: client::Client,
+    mut state: WorkerState,
+) -> anyhow::Result<bool> {
     loop {
-        let lease = with_backoff("asking for a task", opts.give_up_after, || {
-            let mut c = client.clone();
-            let id = state.worker_id.clone();
-            async move { Ok(c.lease_task(pb::LeaseRequest { worker_id: id }).await) }
-        })
-        .await?;
+        let lease = client
+            .lease_task(pb::LeaseRequest {
+                worker_id: state.worker_id.clone(),
+            })
+            .await;
         let outcome = match lease {
             Ok(r) => r.into_inner().outcome,
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
                 // The coordinator no longer knows us (it restarted): join again.
-                let (c, r) = register(&opts, &caps).await?;
+                let (c, r) = register(opts, caps).await?;
                 client = c;
                 state.worker_id = r.worker_id;
                 continue;
             }
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tracing::warn!("coordinator unavailable: {}", s.message());
-                let (c, _) = with_backoff("reconnecting", opts.give_up_after, || client::connect(&opts.coordinator))
-                    .await
-                    .map(|c| (c, ()))?;
-                client = c;
+            Err(s) if is_transient(&s) => {
+                tracing::warn!("coordinator unreachable: {}", s.message());
+                client = with_backoff("reconnecting", opts.give_up_after, || {
+                    client::connect(&opts.coordinator)
+                })
+                .await?;
                 continue;
             }
-            Err(s) => return Err(anyhow::anyhow!("the coordinator refused to lease: {}", s.message())),
+            Err(s) => {
+                return Err(anyhow::anyhow!(
+                    "the coordinator refused to lease: {}",
+                    s.message()
+                ))
+            }
         };
         match outcome {
             Some(pb::lease_response::Outcome::Task(assignment)) => {
                 run_task(&mut client, &mut state, assignment).await?;
             }
             Some(pb::lease_response::Outcome::Wait(w)) => {
-                tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms.max(10)))).await;
+                tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms.max(10))))
+                    .await;
             }
             Some(pb::lease_response::Outcome::JobOver(over)) => {
                 tracing::info!(succeeded = over.succeeded, message = %over.message, "job over; exiting");
@@ -101,11 +119,28 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     }
 }
 
-async fn register(opts: &Options, caps: &pb::Capabilities) -> anyhow::Result<(client::Client, pb::RegisterResponse)> {
+/// Errors that mean "the coordinator is (for now) out of reach", as
+/// opposed to a refusal.
+pub(crate) fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
+async fn register(
+    opts: &Options,
+    caps: &pb::Capabilities,
+) -> anyhow::Result<(client::Client, pb::RegisterResponse)> {
     with_backoff("registering", opts.give_up_after, || async {
         let mut client = client::connect(&opts.coordinator).await?;
         let response = client
-            .register(pb::RegisterRequest { capabilities: Some(caps.clone()) })
+            .register(pb::RegisterRequest {
+                capabilities: Some(caps.clone()),
+            })
             .await
             .context("registration refused")?
             .into_inner();
@@ -128,7 +163,12 @@ fn hostname() -> String {
 
 fn physical_memory() -> u64 {
     // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     if pages > 0 && page > 0 {
         pages as u64 * page as u64
     } else {

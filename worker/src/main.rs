@@ -5,20 +5,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Parser, ValueEnum};
+use clap::{ArgGroup, Parser};
+use common::logging::LogFormat;
 use distill::device::DeviceChoice;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Worker of a distillation job: leases tasks from the coordinator, runs them
 /// on the CPU or a CUDA GPU, and streams the results back.
@@ -43,14 +35,14 @@ struct Args {
     /// Give up after this many seconds without reaching the coordinator.
     #[arg(long, default_value_t = 300.0)]
     give_up_after: f64,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing(args.log_format);
+    common::logging::init(args.log_format);
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -83,15 +75,5 @@ fn main() -> std::process::ExitCode {
             eprintln!("worker: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

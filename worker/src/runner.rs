@@ -12,7 +12,9 @@ use anyhow::Context;
 use candle_core::Device;
 use common::dataset::bundle::decode_splits;
 use common::dataset::Splits;
-use distill::task::{TaskInputs, TaskOutput, TaskSpec, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT};
+use distill::task::{
+    TaskInputs, TaskOutput, TaskSpec, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+};
 use distill::train::{EpochStats, StepProgress, TrainObserver};
 use proto::pb;
 
@@ -45,7 +47,9 @@ struct Observer {
 impl Observer {
     fn check(&self) -> distill::Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(distill::Error::Cancelled("the coordinator revoked this attempt's lease".into()));
+            return Err(distill::Error::Cancelled(
+                "the coordinator revoked this attempt's lease".into(),
+            ));
         }
         Ok(())
     }
@@ -74,16 +78,28 @@ impl TrainObserver for Observer {
 
 /// Runs `assignment` to the end: uploads its result or reports its failure.
 /// Returns an error only when the coordinator cannot be reached.
-pub async fn run_task(client: &mut Client, state: &mut WorkerState, assignment: pb::TaskAssignment) -> anyhow::Result<()> {
+pub async fn run_task(
+    client: &mut Client,
+    state: &mut WorkerState,
+    assignment: pb::TaskAssignment,
+) -> anyhow::Result<()> {
     let task_id = assignment.task_id.clone();
     let attempt = assignment.attempt;
     tracing::info!(task = %task_id, attempt, "task started");
     let started = Instant::now();
     let cancel = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(Mutex::new(pb::Progress { phase: "fetching inputs".into(), ..Default::default() }));
+    let progress = Arc::new(Mutex::new(pb::Progress {
+        phase: "fetching inputs".into(),
+        ..Default::default()
+    }));
     let heartbeats = tokio::spawn(heartbeat_loop(
         client.clone(),
-        pb::HeartbeatRequest { worker_id: state.worker_id.clone(), task_id: task_id.clone(), attempt, progress: None },
+        pb::HeartbeatRequest {
+            worker_id: state.worker_id.clone(),
+            task_id: task_id.clone(),
+            attempt,
+            progress: None,
+        },
         state.heartbeat,
         progress.clone(),
         cancel.clone(),
@@ -105,8 +121,20 @@ pub async fn run_task(client: &mut Client, state: &mut WorkerState, assignment: 
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                     tracing::warn!(task = %task_id, attempt, "result refused: {}", s.message())
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => return Err(s).context("uploading the result"),
-                Err(s) => report_failure(client, state, &task_id, attempt, format!("upload refused: {}", s.message())).await?,
+                Err(s) if crate::is_transient(&s) => {
+                    // The coordinator will expire the lease and re-run the task.
+                    tracing::warn!(task = %task_id, attempt, "upload failed, the coordinator is unreachable: {}", s.message())
+                }
+                Err(s) => {
+                    report_failure(
+                        client,
+                        state,
+                        &task_id,
+                        attempt,
+                        format!("upload refused: {}", s.message()),
+                    )
+                    .await?
+                }
             }
         }
         Err(e) if cancel.load(Ordering::Relaxed) => {
@@ -117,9 +145,20 @@ pub async fn run_task(client: &mut Client, state: &mut WorkerState, assignment: 
     Ok(())
 }
 
-async fn report_failure(client: &mut Client, state: &WorkerState, task: &str, attempt: u64, error: String) -> anyhow::Result<()> {
+async fn report_failure(
+    client: &mut Client,
+    state: &WorkerState,
+    task: &str,
+    attempt: u64,
+    error: String,
+) -> anyhow::Result<()> {
     tracing::error!(task, attempt, %error, "task failed");
-    let report = pb::FailureReport { worker_id: state.worker_id.clone(), task_id: task.into(), attempt, error };
+    let report = pb::FailureReport {
+        worker_id: state.worker_id.clone(),
+        task_id: task.into(),
+        attempt,
+        error,
+    };
     match client.report_failure(report).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(()),
@@ -150,7 +189,11 @@ async fn heartbeat_loop(
     }
 }
 
-async fn fetch(client: &mut Client, state: &WorkerState, artifact: &pb::ArtifactRef) -> anyhow::Result<Vec<u8>> {
+async fn fetch(
+    client: &mut Client,
+    state: &WorkerState,
+    artifact: &pb::ArtifactRef,
+) -> anyhow::Result<Vec<u8>> {
     if let Some(bytes) = state.cache.read_verified(artifact) {
         return Ok(bytes);
     }
@@ -190,7 +233,8 @@ async fn execute(
         _ => {
             let bytes = fetch(client, state, dataset).await?;
             let path = state.cache.path(&dataset.sha256);
-            let splits = Arc::new(tokio::task::spawn_blocking(move || decode_splits(&bytes, &path)).await??);
+            let splits =
+                Arc::new(tokio::task::spawn_blocking(move || decode_splits(&bytes, &path)).await??);
             state.dataset = Some((dataset.sha256.clone(), splits.clone()));
             splits
         }
@@ -206,10 +250,20 @@ async fn execute(
         TaskSpec::Infer(_) => "inference",
         TaskSpec::Evaluate(_) => "evaluation",
     };
-    let mut observer = Observer { progress, cancel, phase };
+    let mut observer = Observer {
+        progress,
+        cancel,
+        phase,
+    };
     // Compute runs on its own thread; the runtime keeps heartbeating.
+    let span = tracing::Span::current();
     let output = tokio::task::spawn_blocking(move || {
-        let inputs = TaskInputs { splits: &splits, models, transfer_dir };
+        let _in_span = span.enter();
+        let inputs = TaskInputs {
+            splits: &splits,
+            models,
+            transfer_dir,
+        };
         spec.execute(&inputs, &device, &mut observer)
     })
     .await
@@ -219,12 +273,17 @@ async fn execute(
 
 /// Lays the cached transfer-set files out as a folder (hard links, or
 /// copies across file systems) named after the manifest's checksum.
-fn assemble_transfer_set(state: &WorkerState, files: &[pb::ArtifactRef]) -> anyhow::Result<PathBuf> {
+fn assemble_transfer_set(
+    state: &WorkerState,
+    files: &[pb::ArtifactRef],
+) -> anyhow::Result<PathBuf> {
     let manifest = files
         .iter()
         .find(|f| f.name == TRANSFER_MANIFEST_ARTIFACT)
         .context("the transfer set's manifest is not among the inputs")?;
-    let dir = state.scratch.join(format!("transfer-{}", &manifest.sha256[..16]));
+    let dir = state
+        .scratch
+        .join(format!("transfer-{}", &manifest.sha256[..16]));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for f in files {
         let name = f.name.strip_prefix("transfer/").expect("transfer artifact");
@@ -232,7 +291,9 @@ fn assemble_transfer_set(state: &WorkerState, files: &[pb::ArtifactRef]) -> anyh
         let source = state.cache.path(&f.sha256);
         let _ = std::fs::remove_file(&target);
         if std::fs::hard_link(&source, &target).is_err() {
-            std::fs::copy(&source, &target).with_context(|| format!("cannot copy {} to {}", source.display(), target.display()))?;
+            std::fs::copy(&source, &target).with_context(|| {
+                format!("cannot copy {} to {}", source.display(), target.display())
+            })?;
         }
     }
     Ok(dir)

@@ -1,0 +1,345 @@
+//! Multi-process tests: a real `coordinator` and real `worker` processes on
+//! loopback ports run small jobs to completion, also when a worker is killed
+//! mid-task. They run one at a time (a lock below), with `--threads 1`
+//! workers and a lease timeout of 15 heartbeats, so a busy 2-core machine
+//! does not look like a dead worker.
+//!
+//! The `worker` binary is found beside the coordinator's (`cargo test
+//! --workspace` builds both; `cargo test -p coordinator` alone does not).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::dataset::bundle::decode_splits;
+use common::transfer::TransferSet;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn coordinator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
+}
+
+fn worker_bin() -> PathBuf {
+    let path = coordinator_bin().with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run these tests with `cargo test --workspace` (or `cargo build -p worker` first)",
+        path.display()
+    );
+    path
+}
+
+/// A small job: 6 classes in confusable groups of 3, 1200 training examples.
+fn write_config(dir: &Path, teacher_epochs: usize) -> PathBuf {
+    let text = format!(
+        r#"
+output_dir = "out"
+seed = 3
+transfer_shards = 4
+lease_timeout_secs = 3.0
+heartbeat_interval_ms = 200
+summary_interval_secs = 1.0
+max_attempts = 3
+
+[dataset]
+source = "synthetic"
+validation_size = 300
+[dataset.synthetic]
+num_classes = 6
+group_size = 3
+dim = 16
+train_size = 1500
+test_size = 600
+noise = 1.5
+seed = 5
+
+[teachers]
+count = 2
+hidden = [64]
+[teachers.train]
+epochs = {teacher_epochs}
+batch_size = 32
+learning_rate = 0.05
+
+[student]
+hidden = [16]
+[student.train]
+epochs = 10
+batch_size = 32
+[student.distill]
+temperature = 4.0
+"#
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A coordinator listening on a free loopback port.
+struct Coordinator {
+    child: Child,
+    url: String,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Coordinator {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(coordinator_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("coordinator listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Coordinator { child, url, stdout }
+    }
+
+    /// Waits for the coordinator to exit; returns its success and stdout.
+    fn wait(mut self, limit: Duration) -> (bool, String) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut rest = String::new();
+                std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
+                return (status.success(), rest);
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("the coordinator did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Worker processes whose log lines arrive on one channel as `(index, line)`.
+struct Workers {
+    children: Vec<Child>,
+    lines: Receiver<(usize, String)>,
+}
+
+impl Workers {
+    fn start(count: usize, url: &str, scratch: &Path) -> Self {
+        let (tx, lines) = channel();
+        let children = (0..count)
+            .map(|i| {
+                let mut child = Command::new(worker_bin())
+                    .args([
+                        "--coordinator",
+                        url,
+                        "--cpu",
+                        "--threads",
+                        "1",
+                        "--give-up-after",
+                        "20",
+                    ])
+                    .arg("--scratch")
+                    .arg(scratch.join(format!("w{i}")))
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let stderr = BufReader::new(child.stderr.take().unwrap());
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for line in stderr.lines().map_while(Result::ok) {
+                        eprintln!("[worker {i}] {line}");
+                        let _ = tx.send((i, line));
+                    }
+                });
+                child
+            })
+            .collect();
+        Workers { children, lines }
+    }
+
+    fn wait_all(&mut self, limit: Duration) -> Vec<bool> {
+        let started = Instant::now();
+        self.children
+            .iter_mut()
+            .map(|c| loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    return status.success();
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "a worker did not exit after the job"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            })
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// Checks the report's shape and the transfer set against the dataset.
+fn check_outputs(out: &Path) -> serde_json::Value {
+    let report = read_report(out);
+    assert_eq!(report["dataset"], "synthetic");
+    assert_eq!(report["test_examples"], 600);
+    assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
+    let models = report["models"].as_array().unwrap();
+    let roles: Vec<&str> = models.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        ["teacher", "teacher", "student", "baseline", "ensemble"]
+    );
+    assert_eq!(models.iter().filter(|m| m["primary"] == true).count(), 1);
+    for m in models {
+        let acc = m["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert_eq!(m["per_class_errors"].as_array().unwrap().len(), 6);
+        assert!(m["params"].as_u64().unwrap() > 0);
+        assert!(m["train_seconds"].as_f64().is_some());
+    }
+    let student = &models[2];
+    assert_eq!(student["name"], "student");
+    assert_eq!(
+        student["teachers"],
+        serde_json::json!(["teacher-0", "teacher-1"])
+    );
+    assert_eq!(student["temperature"], 4.0);
+    // Six classes in groups of three: chance is 1/6, and a model that only
+    // found the right group would score 1/3. The baseline of this shape
+    // scores about 0.8 here; 0.6 is far above both and far below it.
+    assert!(
+        student["test_accuracy"].as_f64().unwrap() > 0.6,
+        "{student}"
+    );
+    assert!(models[3]["teachers"].as_array().unwrap().is_empty());
+
+    let set = TransferSet::open(&out.join("transfer")).unwrap();
+    let splits = decode_splits(
+        &std::fs::read(out.join("dataset.safetensors")).unwrap(),
+        Path::new("dataset"),
+    )
+    .unwrap();
+    set.check_dataset(&splits.train).unwrap();
+    assert_eq!(set.num_shards(), 4);
+    let mut rows = 0;
+    for shard in set.shards() {
+        let shard = shard.unwrap(); // verifies the sha256 and tensor shapes
+        assert_eq!(shard.logits.len(), 2, "one logits tensor per teacher");
+        for l in &shard.logits {
+            assert_eq!(l.len(), shard.rows * 6);
+        }
+        rows += shard.rows;
+    }
+    assert_eq!(rows, splits.train.len(), "one row per transfer example");
+    assert_eq!(report["transfer_set"]["examples"], rows);
+    assert_eq!(report["transfer_set"]["shards"], 4);
+    for name in ["teacher-0", "teacher-1", "student", "baseline"] {
+        assert!(
+            out.join(format!("models/{name}.safetensors")).is_file(),
+            "{name}"
+        );
+    }
+    assert!(out.join("report.md").is_file());
+    report
+}
+
+#[test]
+fn coordinator_and_two_workers_run_a_job_to_completion() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 10);
+    let coordinator = Coordinator::start(&config);
+    let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    assert!(stdout.contains("report: "), "{stdout}");
+    assert_eq!(
+        workers.wait_all(Duration::from_secs(20)),
+        vec![true, true],
+        "workers exit 0 when told the job is over"
+    );
+    let started: Vec<usize> = workers
+        .lines
+        .try_iter()
+        .filter(|(_, l)| l.contains("task started"))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        started.contains(&0) && started.contains(&1),
+        "both workers ran tasks"
+    );
+    check_outputs(&dir.path().join("out"));
+}
+
+#[test]
+fn job_completes_when_a_worker_is_killed_mid_task() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough teachers that the kill lands inside a training task.
+    let config = write_config(dir.path(), 400);
+    let coordinator = Coordinator::start(&config);
+    let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    let victim = loop {
+        let (i, line) = workers
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a worker starts a task");
+        if line.contains("task started") && line.contains("teacher-") {
+            break i;
+        }
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    workers.children[victim].kill().unwrap(); // SIGKILL
+    workers.children[victim].wait().unwrap();
+    let finished_before_kill = workers
+        .lines
+        .try_iter()
+        .any(|(i, l)| i == victim && l.contains("task finished"));
+    assert!(!finished_before_kill, "the kill must land mid-task");
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(300));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    let survivor = 1 - victim;
+    assert!(workers.children[survivor].wait().unwrap().success());
+    let report = check_outputs(&dir.path().join("out"));
+    assert!(report["models"][0]["test_accuracy"].as_f64().unwrap() > 0.6);
+}
+
+#[test]
+fn a_bad_config_fails_at_once_naming_the_key() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("transfer_shards = 4", "transfer_shards = 0");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(coordinator_bin())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("transfer_shards") && err.contains("cluster.toml"),
+        "{err}"
+    );
+}
