@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod error;
 pub mod logging;
 pub mod paths;
+pub mod safetensors_header;
 pub mod seed;
 pub mod transfer;
 

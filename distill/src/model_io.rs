@@ -6,7 +6,7 @@
 //! `[out]`, input side first. Metadata keys: `format`, `architecture` (JSON
 //! of [`MlpSpec`]), `activation`, `input_normalization`, `layout`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
@@ -59,30 +59,7 @@ pub fn to_bytes(model: &Mlp, normalization: Normalization) -> Result<Vec<u8>> {
     let bytes =
         safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
             .map_err(|e| Error::invalid("model", format!("cannot serialise: {e}")))?;
-    Ok(with_sorted_header(bytes))
-}
-
-/// safetensors writes metadata in a `HashMap`'s random order; rewrite the
-/// JSON header with sorted keys (same length, same padding) so that equal
-/// models give equal bytes.
-fn with_sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
-    let header = &bytes[8..8 + header_len];
-    let mut top: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).expect("safetensors wrote a JSON header");
-    if let Some(meta) = top.get_mut("__metadata__") {
-        let sorted: BTreeMap<String, serde_json::Value> =
-            serde_json::from_value(meta.take()).expect("metadata is an object");
-        *meta = serde_json::to_value(sorted).expect("metadata serialises");
-    }
-    let mut json = serde_json::to_vec(&top).expect("header serialises");
-    assert!(
-        json.len() <= header_len,
-        "a reordered header has the same length"
-    );
-    json.resize(header_len, b' ');
-    bytes[8..8 + header_len].copy_from_slice(&json);
-    bytes
+    Ok(common::safetensors_header::with_sorted_header(bytes))
 }
 
 /// Writes `model` to `path` atomically.

@@ -89,6 +89,7 @@ pub fn encode_splits(splits: &Splits) -> Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, Some(metadata))
+        .map(crate::safetensors_header::with_sorted_header)
         .map_err(|e| Error::invalid("dataset bundle", e.to_string()))
 }
 
