@@ -13,6 +13,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name accepted by `--log-format`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 impl std::str::FromStr for LogFormat {
     type Err = String;
 

@@ -43,6 +43,8 @@ pub struct Options {
     pub local_workers: usize,
     /// Compute threads of each local worker.
     pub local_worker_threads: usize,
+    /// Log format, passed on to local workers.
+    pub log_format: common::logging::LogFormat,
 }
 
 /// How a job ended.
@@ -146,6 +148,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Some(LocalWorkers::spawn(
             opts.local_workers,
             opts.local_worker_threads,
+            opts.log_format,
             &url,
             &out.join("scratch"),
         )?)

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use common::logging::LogFormat;
 use tokio::process::{Child, Command};
 
 /// The running local workers.
@@ -29,10 +30,12 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
 
 impl LocalWorkers {
     /// Starts `count` CPU workers with `threads` compute threads each,
-    /// talking to `coordinator`, with scratch folders under `scratch_root`.
+    /// talking to `coordinator`, logging in `log_format`, with scratch
+    /// folders under `scratch_root`.
     pub fn spawn(
         count: usize,
         threads: usize,
+        log_format: LogFormat,
         coordinator: &str,
         scratch_root: &Path,
     ) -> anyhow::Result<Self> {
@@ -49,6 +52,8 @@ impl LocalWorkers {
                 .arg(scratch_root.join(format!("worker-{i}")))
                 .arg("--give-up-after")
                 .arg("30")
+                .arg("--log-format")
+                .arg(log_format.as_str())
                 .kill_on_drop(true);
             die_with_parent(&mut cmd);
             let child = cmd
@@ -85,6 +90,9 @@ impl LocalWorkers {
     }
 }
 
+/// Has the kernel SIGKILL the child when its parent dies. PDEATHSIG fires
+/// when the *thread* that forked exits: `coordinator` spawns from its main
+/// thread (the runtime's `block_on`), which lives as long as the process.
 #[cfg(target_os = "linux")]
 fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches only the child's own

@@ -41,6 +41,7 @@ async fn main() -> std::process::ExitCode {
         config: args.config,
         listen: args.listen,
         local_workers: args.local_workers,
+        log_format: args.log_format,
         local_worker_threads: args
             .local_worker_threads
             .unwrap_or_else(|| (cores / args.local_workers.max(1)).max(1)),
