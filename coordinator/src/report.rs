@@ -71,7 +71,7 @@ pub struct ModelReport {
     pub test_accuracy: f64,
     /// Test errors per true class.
     pub per_class_errors: Vec<usize>,
-    /// Seconds of training (0 for an ensemble).
+    /// Seconds of training, without fetching inputs (0 for an ensemble).
     pub train_seconds: f64,
     /// Epoch whose weights were kept (trained models).
     pub selected_epoch: Option<usize>,
@@ -146,7 +146,13 @@ pub fn build(
                 test_errors: e.test.errors,
                 test_accuracy: e.test.accuracy(),
                 per_class_errors: e.test.per_class_errors.clone(),
-                train_seconds: record.map_or(0.0, |r| r.seconds),
+                // The training itself, without fetching inputs (the
+                // task's whole time when the summary lacks it).
+                train_seconds: summary
+                    .and_then(|s| s.get("train_seconds"))
+                    .and_then(|v| v.as_f64())
+                    .or(record.map(|r| r.seconds))
+                    .unwrap_or(0.0),
                 selected_epoch: summary
                     .and_then(|s| s.pointer("/training/selected_epoch"))
                     .and_then(|v| v.as_u64())
@@ -211,5 +217,124 @@ impl Report {
         let json = serde_json::to_vec_pretty(self).expect("a report serialises");
         common::atomic_file::write_atomic(&dir.join("report.json"), &json)?;
         common::atomic_file::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill::eval::Evaluation;
+    use std::collections::HashMap;
+
+    fn evaluation(name: &str, errors: &[usize]) -> ModelEvaluation {
+        let labels: Vec<u32> = (0..10).map(|i| i % 2).collect();
+        let mut predicted = labels.clone();
+        for (slot, &count) in errors.iter().enumerate() {
+            for k in 0..count {
+                let i = 2 * k + slot;
+                predicted[i] = 1 - predicted[i];
+            }
+        }
+        ModelEvaluation {
+            name: name.into(),
+            params: 7,
+            validation_errors: 1,
+            test: Evaluation::from_predictions(&labels, &predicted, 2),
+        }
+    }
+
+    #[test]
+    fn roles_primary_student_and_training_seconds_come_out_right() {
+        let text = "output_dir = \"o\"\n[dataset]\nsource = \"synthetic\"\n[teachers]\ncount = 2\n\
+                    hidden = [8]\n[student]\nhidden = [4]\n[student.distill]\ntemperature = 3.0\n";
+        let cfg = ClusterConfig::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
+        let teachers = vec!["teacher-0".to_string(), "teacher-1".to_string()];
+        let evaluations = vec![
+            evaluation("teacher-0", &[1, 0]),
+            evaluation("teacher-1", &[0, 0]),
+            evaluation(STUDENT, &[1, 1]),
+            evaluation(BASELINE, &[2, 1]),
+            evaluation(ENSEMBLE, &[0, 0]),
+        ];
+        let records = HashMap::from([
+            (
+                STUDENT.to_string(),
+                TaskRecord {
+                    summary: serde_json::json!({"train_seconds": 2.5, "training": {"selected_epoch": 4}}),
+                    seconds: 3.0,
+                },
+            ),
+            (
+                BASELINE.to_string(),
+                TaskRecord {
+                    summary: serde_json::Value::Null,
+                    seconds: 1.5,
+                },
+            ),
+        ]);
+        let sizes = SplitSizes {
+            train: 80,
+            validation: 10,
+            test: 10,
+            dim: 5,
+            classes: 2,
+        };
+        let transfer = TransferSummary {
+            examples: 80,
+            teachers: teachers.clone(),
+            shards: 2,
+            bytes: 100,
+            dir: "transfer".into(),
+        };
+        let report = build(
+            &cfg,
+            sizes,
+            &teachers,
+            &evaluations,
+            &records,
+            transfer,
+            9.0,
+        );
+        let roles: Vec<&str> = report.models.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(
+            roles,
+            ["teacher", "teacher", "student", "baseline", "ensemble"]
+        );
+        let student = &report.models[2];
+        assert!(student.primary && report.models.iter().filter(|m| m.primary).count() == 1);
+        assert_eq!(student.teachers, teachers);
+        assert_eq!(student.temperature, Some(3.0));
+        assert_eq!(student.architecture, "5-4-2");
+        assert_eq!(
+            (student.test_errors, student.per_class_errors.clone()),
+            (2, vec![1, 1])
+        );
+        assert!((student.test_accuracy - 0.8).abs() < 1e-12);
+        assert_eq!(
+            (student.train_seconds, student.selected_epoch),
+            (2.5, Some(4))
+        );
+        assert_eq!(
+            report.models[3].train_seconds, 1.5,
+            "falls back to the task's time"
+        );
+        assert!(report.models[3].teachers.is_empty() && report.models[3].temperature.is_none());
+        assert_eq!(report.models[4].file, None);
+        assert_eq!(report.models[4].architecture, "5-8-2+5-8-2");
+        let md = report.to_markdown();
+        assert!(
+            md.contains("| student (primary) | student | 5-4-2 |"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        for key in [
+            "dataset",
+            "test_examples",
+            "wall_seconds",
+            "transfer_set",
+            "models",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
     }
 }
