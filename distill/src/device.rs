@@ -2,7 +2,9 @@
 
 use candle_core::Device;
 
-use crate::{Error, Result};
+#[cfg(not(feature = "cuda"))]
+use crate::Error;
+use crate::Result;
 
 /// Which device a user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
