@@ -12,7 +12,7 @@ use distill::task::{shard_artifact, ModelEvaluation, TRANSFER_MANIFEST_ARTIFACT}
 use proto::pb;
 
 use crate::plan::{Output, Plan};
-use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler, TaskState};
+use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler};
 use crate::store::{ArtifactStore, StoredArtifact};
 
 /// Why a worker's request was refused.
@@ -87,7 +87,6 @@ pub struct Job {
     dataset_fingerprint: String,
     train_len: usize,
     num_classes: usize,
-    lease_timeout: Duration,
     poll_ms: u32,
     next_worker: u64,
 }
@@ -125,7 +124,6 @@ impl Job {
             dataset_fingerprint: fingerprint.to_string(),
             train_len,
             num_classes,
-            lease_timeout,
             poll_ms,
             next_worker: 1,
         }
@@ -152,7 +150,7 @@ impl Job {
     pub fn workers_alive(&self, now: Duration) -> usize {
         self.workers
             .values()
-            .filter(|w| now.saturating_sub(w.last_seen) < self.lease_timeout)
+            .filter(|w| now.saturating_sub(w.last_seen) < self.scheduler.lease_timeout())
             .count()
     }
 
@@ -353,9 +351,8 @@ impl Job {
             dtype: "F32".into(),
             shards: self.shard_entries.iter().flatten().cloned().collect(),
         };
-        write_manifest(&self.transfer_dir, &manifest)?;
+        let bytes = write_manifest(&self.transfer_dir, &manifest)?;
         let path = self.transfer_dir.join(common::transfer::MANIFEST_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| common::Error::io(&path, e))?;
         self.store.record(
             TRANSFER_MANIFEST_ARTIFACT,
             path,
@@ -436,11 +433,12 @@ impl Job {
         )
     }
 
-    /// True if `task` is done (for tests and the report).
+    /// True if `task` is done.
+    #[cfg(test)]
     pub fn is_done(&self, task: &str) -> bool {
         self.scheduler
             .index_of(task)
-            .is_some_and(|i| self.scheduler.state(i) == &TaskState::Done)
+            .is_some_and(|i| self.scheduler.state(i) == &crate::scheduler::TaskState::Done)
     }
 }
 

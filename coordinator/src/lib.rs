@@ -192,8 +192,7 @@ async fn supervise(
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (Ctrl-C); the job did not finish"),
             _ = sigterm.recv() => anyhow::bail!("terminated (SIGTERM); the job did not finish"),
         }
-        let now = shared.now();
-        let (over, failure) = shared.with(|job| {
+        let (over, failure) = shared.with_now(|job, now| {
             job.tick(now);
             if last_summary.elapsed() >= summary_every {
                 tracing::info!("{}", job.summary_line(now));
@@ -227,8 +226,7 @@ fn terminate_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
 async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        let now = shared.now();
-        let pending = shared.with(|job| {
+        let pending = shared.with_now(|job, now| {
             job.workers
                 .iter()
                 .filter(|(id, w)| {

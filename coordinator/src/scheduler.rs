@@ -167,6 +167,11 @@ impl Scheduler {
         }
     }
 
+    /// How long a lease lasts without a heartbeat.
+    pub fn lease_timeout(&self) -> Duration {
+        self.lease_timeout
+    }
+
     /// Number of tasks.
     pub fn len(&self) -> usize {
         self.tasks.len()

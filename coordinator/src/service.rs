@@ -42,6 +42,12 @@ impl SharedJob {
         self.started.elapsed()
     }
 
+    /// Runs `f` on the job under its lock, with the current time.
+    pub fn with_now<R>(&self, f: impl FnOnce(&mut Job, Duration) -> R) -> R {
+        let now = self.now();
+        self.with(|job| f(job, now))
+    }
+
     /// Runs `f` on the job under its lock.
     pub fn with<R>(&self, f: impl FnOnce(&mut Job) -> R) -> R {
         let mut job = self
@@ -93,8 +99,7 @@ impl Coordinator for CoordinatorService {
                 caps.version
             )));
         }
-        let now = self.shared.now();
-        let worker_id = self.shared.with(|job| job.register(caps, now));
+        let worker_id = self.shared.with_now(|job, now| job.register(caps, now));
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
@@ -107,9 +112,8 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let worker = request.into_inner().worker_id;
-        let now = self.shared.now();
         self.shared
-            .with(|job| job.lease(&worker, now))
+            .with_now(|job, now| job.lease(&worker, now))
             .map(Response::new)
             .map_err(status)
     }
@@ -119,10 +123,9 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let now = self.shared.now();
         let continue_task = self
             .shared
-            .with(|job| job.heartbeat(&req, now))
+            .with_now(|job, now| job.heartbeat(&req, now))
             .map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse { continue_task }))
     }
@@ -147,11 +150,11 @@ impl Coordinator for CoordinatorService {
             )));
         }
         // Refuse a stale attempt before receiving its payload.
-        let now = self.shared.now();
         self.shared
-            .with(|job| job.check_upload(&header, now))
+            .with_now(|job, now| job.check_upload(&header, now))
             .map_err(status)?;
-        let mut payload = Vec::with_capacity(header.size as usize);
+        // The announced size is the client's word: grow as bytes arrive.
+        let mut payload = Vec::with_capacity((header.size as usize).min(64 * proto::CHUNK_BYTES));
         while let Some(chunk) = stream.message().await? {
             match chunk.part {
                 Some(pb::upload_chunk::Part::Data(data)) => {
@@ -182,8 +185,7 @@ impl Coordinator for CoordinatorService {
         }
         let shared = self.shared.clone();
         let stored = tokio::task::spawn_blocking(move || {
-            let now = shared.now();
-            shared.with(|job| job.accept_result(&header, &payload, now))
+            shared.with_now(|job, now| job.accept_result(&header, &payload, now))
         })
         .await
         .map_err(|e| Status::internal(format!("storing the result panicked: {e}")))?
@@ -202,10 +204,9 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::FailureReport>,
     ) -> Result<Response<pb::FailureResponse>, Status> {
         let report = request.into_inner();
-        let now = self.shared.now();
         let will_retry = self
             .shared
-            .with(|job| job.fail(&report, now))
+            .with_now(|job, now| job.fail(&report, now))
             .map_err(status)?;
         Ok(Response::new(pb::FailureResponse { will_retry }))
     }
@@ -217,10 +218,9 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let req = request.into_inner();
-        let now = self.shared.now();
         let artifact = self
             .shared
-            .with(|job| job.artifact(&req.worker_id, &req.name, now))
+            .with_now(|job, now| job.artifact(&req.worker_id, &req.name, now))
             .map_err(status)?;
         let mut file = tokio::fs::File::open(&artifact.path).await.map_err(|e| {
             Status::internal(format!("cannot open {}: {e}", artifact.path.display()))

@@ -36,6 +36,24 @@ impl MlpSpec {
         Ok(spec)
     }
 
+    /// Checks that a model of this shape can read `data`: same feature count
+    /// and class count. `id` names the model in the message.
+    pub fn ensure_fits(&self, id: &str, data: &common::dataset::Dataset) -> Result<()> {
+        if self.input_dim == data.dim() && self.num_classes == data.num_classes() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "model",
+            format!(
+                "{id} ({}) does not fit {} ({} features, {} classes)",
+                self.describe(),
+                data.name(),
+                data.dim(),
+                data.num_classes()
+            ),
+        ))
+    }
+
     /// Checks that there is at least one hidden layer and no empty layer.
     pub fn validate(&self) -> Result<()> {
         if self.hidden.is_empty() {

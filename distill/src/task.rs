@@ -220,19 +220,7 @@ fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Ml
         .get(name)
         .ok_or_else(|| Error::invalid("task inputs", format!("model {name} was not provided")))?;
     let model = model_io::from_bytes(bytes, Path::new(&model_artifact(name)), device)?.model;
-    let data = &inputs.splits.train;
-    if model.spec().input_dim != data.dim() || model.spec().num_classes != data.num_classes() {
-        return Err(Error::invalid(
-            "model",
-            format!(
-                "{name} ({}) does not fit {} ({} features, {} classes)",
-                model.spec().describe(),
-                data.name(),
-                data.dim(),
-                data.num_classes()
-            ),
-        ));
-    }
+    model.spec().ensure_fits(name, &inputs.splits.train)?;
     Ok(model)
 }
 

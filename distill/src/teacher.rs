@@ -9,7 +9,7 @@ use common::transfer::{Manifest, TransferSetWriter};
 
 use crate::eval::predict_logits;
 use crate::model::Mlp;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Runs each `(id, model)` teacher over `data` and writes their logits to a
 /// new transfer set in `dir`, `rows_per_shard` examples per shard.
@@ -21,18 +21,7 @@ pub fn write_transfer_set(
     device: &Device,
 ) -> Result<Manifest> {
     for (id, t) in teachers {
-        if t.spec().input_dim != data.dim() || t.spec().num_classes != data.num_classes() {
-            return Err(Error::invalid(
-                "teacher",
-                format!(
-                    "{id} ({}) does not fit {} ({} features, {} classes)",
-                    t.spec().describe(),
-                    data.name(),
-                    data.dim(),
-                    data.num_classes()
-                ),
-            ));
-        }
+        t.spec().ensure_fits(id, data)?;
     }
     let ids = teachers.iter().map(|(id, _)| id.to_string()).collect();
     let mut writer = TransferSetWriter::create(

@@ -181,12 +181,14 @@ pub fn store_encoded_shard(
 }
 
 /// Validates `manifest` and writes it into `dir`, which completes a transfer
-/// set whose shards were stored with [`store_encoded_shard`].
-pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+/// set whose shards were stored with [`store_encoded_shard`]. Returns the
+/// bytes written.
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
     let path = dir.join(MANIFEST_FILE);
     manifest.validate(&path)?;
     let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
-    write_atomic(&path, &json)
+    write_atomic(&path, &json)?;
+    Ok(json)
 }
 
 /// The safetensors bytes of one shard: `logits[k]` holds teacher k's logits
