@@ -23,6 +23,8 @@ pub enum Stream {
     Synthetic = 5,
     /// Train/validation split.
     Split = 6,
+    /// The fraction of the training split a student learns from.
+    Subset = 7,
 }
 
 /// A random number generator for `purpose`, derived from `seed`.

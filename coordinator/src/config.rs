@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use common::dataset::synthetic::SyntheticSpec;
 use distill::hparams::{DistillConfig, TrainConfig};
+use distill::subset::ExampleSubset;
+use distill::task::BiasShift;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -125,6 +127,40 @@ pub struct StudentConfig {
     /// Temperature, hard-label weight, ensemble combination.
     #[serde(default)]
     pub distill: DistillConfig,
+    /// Evaluate the student once more with some output biases shifted
+    /// (reported as `student+bias`).
+    #[serde(default)]
+    pub bias_adjustment: Option<BiasAdjustmentConfig>,
+}
+
+/// `[student.bias_adjustment]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BiasAdjustmentConfig {
+    /// Classes whose output biases move.
+    pub classes: Vec<u32>,
+    /// A number (negative lowers them), or `"validation"`: the shift in
+    /// [-15, 15] (steps of 0.1) with the fewest validation errors.
+    pub shift: BiasShift,
+}
+
+/// `[transfer]`: which training examples the student (and the baseline)
+/// learn from. Teachers see the whole training split and the shards hold
+/// teacher logits for all of it, so one transfer set serves every subset;
+/// the selection is applied as the student reads it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferConfig {
+    /// A random fraction of the training split, in (0, 1] (drawn with a
+    /// seed derived from the job's).
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    /// Leave these classes out.
+    #[serde(default)]
+    pub exclude_classes: Vec<u32>,
+    /// Keep only these classes.
+    #[serde(default)]
+    pub only_classes: Vec<u32>,
 }
 
 /// `[baseline]`: the student's architecture on hard labels only.
@@ -175,6 +211,19 @@ pub struct ClusterConfig {
     /// The hard-label baseline.
     #[serde(default)]
     pub baseline: Option<BaselineConfig>,
+    /// Which examples the student and the baseline learn from.
+    #[serde(default)]
+    pub transfer: TransferConfig,
+    /// Count the student's and the baseline's test errors after every
+    /// epoch, for learning curves in the report.
+    #[serde(default)]
+    pub record_test_curves: bool,
+    /// Folder of finished tasks' results, keyed by a hash of the task and
+    /// its inputs: a task already run with the same spec, seed and data is
+    /// taken from here instead of being run again (relative to the config
+    /// file; none by default).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -245,6 +294,9 @@ impl ClusterConfig {
         cfg.output_dir = base.join(&cfg.output_dir);
         if let Some(dir) = &cfg.dataset.dir {
             cfg.dataset.dir = Some(base.join(dir));
+        }
+        if let Some(dir) = &cfg.cache_dir {
+            cfg.cache_dir = Some(base.join(dir));
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -359,7 +411,75 @@ impl ClusterConfig {
             .distill
             .validate()
             .map_err(|e| invalid("student.distill", e.to_string()))?;
+        if let Some(fraction) = self.transfer.fraction {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(invalid(
+                    "transfer.fraction",
+                    format!("must be in (0, 1], got {fraction}"),
+                ));
+            }
+        }
+        if !self.transfer.exclude_classes.is_empty() && !self.transfer.only_classes.is_empty() {
+            return Err(invalid(
+                "transfer.only_classes",
+                "cannot be given together with transfer.exclude_classes".into(),
+            ));
+        }
+        if let Some(adjustment) = &self.student.bias_adjustment {
+            if adjustment.classes.is_empty() {
+                return Err(invalid(
+                    "student.bias_adjustment.classes",
+                    "must list at least one class".into(),
+                ));
+            }
+            if let BiasShift::Fixed(shift) = adjustment.shift {
+                if !shift.is_finite() {
+                    return Err(invalid(
+                        "student.bias_adjustment.shift",
+                        format!("must be a finite number or \"validation\", got {shift}"),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Checks the keys that name classes against the data's class count.
+    pub fn check_classes(&self, path: &Path, num_classes: usize) -> Result<(), ConfigError> {
+        let lists = [
+            ("transfer.exclude_classes", &self.transfer.exclude_classes),
+            ("transfer.only_classes", &self.transfer.only_classes),
+        ];
+        let adjusted = self
+            .student
+            .bias_adjustment
+            .as_ref()
+            .map(|a| ("student.bias_adjustment.classes", &a.classes));
+        for (key, classes) in lists.into_iter().chain(adjusted) {
+            if let Some(c) = classes.iter().find(|&&c| c as usize >= num_classes) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: key.into(),
+                    reason: format!(
+                        "class {c} does not exist (the data has {num_classes} classes)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The examples the student and the baseline learn from, as a task
+    /// describes them (`None`: the whole training split).
+    pub fn transfer_subset(&self) -> Option<ExampleSubset> {
+        let t = &self.transfer;
+        let subset = ExampleSubset {
+            fraction: t.fraction.unwrap_or(1.0),
+            exclude_classes: t.exclude_classes.clone(),
+            only_classes: t.only_classes.clone(),
+            seed: derive_seed(self.seed, "transfer"),
+        };
+        (!subset.is_everything()).then_some(subset)
     }
 
     /// The baseline's training settings: its own, or the student's.
@@ -446,6 +566,42 @@ hidden = [16]
         let err =
             parse(&MINIMAL.replace("source = \"synthetic\"", "source = \"cifar\"")).unwrap_err();
         assert!(err.to_string().contains("fashion-mnist"), "{err}");
+    }
+
+    #[test]
+    fn transfer_selection_and_bias_adjustment_are_checked() {
+        let cfg = parse(&format!(
+            "{MINIMAL}\n[student.bias_adjustment]\nclasses = [3]\nshift = \"validation\"\n\
+             [transfer]\nexclude_classes = [3]\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.transfer_subset().unwrap().exclude_classes, vec![3]);
+        assert!(cfg.check_classes(Path::new("c"), 10).is_ok());
+        let err = cfg.check_classes(Path::new("c"), 3).unwrap_err();
+        assert!(
+            err.to_string().contains("`transfer.exclude_classes`"),
+            "{err}"
+        );
+        assert!(parse(MINIMAL).unwrap().transfer_subset().is_none());
+        for (extra, key) in [
+            ("[transfer]\nfraction = 0.0", "transfer.fraction"),
+            (
+                "[transfer]\nexclude_classes = [1]\nonly_classes = [2]",
+                "transfer.only_classes",
+            ),
+            (
+                "[student.bias_adjustment]\nclasses = []\nshift = 1.0",
+                "student.bias_adjustment.classes",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{key}`")), "{err}");
+        }
+        let err = parse(&format!(
+            "{MINIMAL}\n[student.bias_adjustment]\nclasses = [1]\nshift = \"test\""
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("shift"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use common::transfer::{store_encoded_shard, write_manifest, Manifest, ShardEntry
 use distill::task::{shard_artifact, ModelEvaluation, TRANSFER_MANIFEST_ARTIFACT};
 use proto::pb;
 
+use crate::cache::TaskCache;
 use crate::plan::{Output, Plan};
 use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler};
 use crate::store::{ArtifactStore, StoredArtifact};
@@ -63,6 +64,8 @@ pub struct TaskRecord {
     pub summary: serde_json::Value,
     /// Seconds the compute took.
     pub seconds: f64,
+    /// Whether the result came from the task cache.
+    pub cached: bool,
 }
 
 /// The job's state.
@@ -89,6 +92,7 @@ pub struct Job {
     num_classes: usize,
     poll_ms: u32,
     next_worker: u64,
+    cache: Option<TaskCache>,
 }
 
 impl Job {
@@ -126,7 +130,15 @@ impl Job {
             num_classes,
             poll_ms,
             next_worker: 1,
+            cache: None,
         }
+    }
+
+    /// Takes finished tasks' results from `cache` when it has them, and
+    /// stores new ones there.
+    pub fn with_cache(mut self, cache: TaskCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Registers a worker; returns its id.
@@ -172,7 +184,17 @@ impl Job {
     /// Answers a worker asking for work.
     pub fn lease(&mut self, worker: &str, now: Duration) -> Result<pb::LeaseResponse, JobError> {
         self.touch(worker, now)?;
-        let outcome = match self.scheduler.lease(worker, now) {
+        let decision = loop {
+            match self.scheduler.lease(worker, now) {
+                LeaseDecision::Run { task, attempt }
+                    if self.complete_from_cache(worker, task, attempt, now) =>
+                {
+                    continue
+                }
+                decision => break decision,
+            }
+        };
+        let outcome = match decision {
             LeaseDecision::Run { task, attempt } => {
                 let planned = &self.plan.tasks[task];
                 let inputs = planned
@@ -254,13 +276,87 @@ impl Job {
         Ok(())
     }
 
-    /// Stores a verified result of the current attempt and marks its task
-    /// done. The payload's checksum was verified by the caller.
+    /// Stores a verified result of the current attempt, marks its task
+    /// done and keeps it in the task cache. The payload's checksum was
+    /// verified by the caller.
     pub fn accept_result(
         &mut self,
         header: &pb::UploadHeader,
         payload: &[u8],
         now: Duration,
+    ) -> Result<StoredArtifact, JobError> {
+        let stored = self.store_result(header, payload, now, false)?;
+        if let Some(cache) = &self.cache {
+            let task = self.task_index(&header.task_id)?;
+            let record = &self.records[&header.task_id];
+            if let Err(e) = cache.put(
+                &self.cache_key(task),
+                payload,
+                &record.summary,
+                header.seconds,
+            ) {
+                tracing::warn!(task = %header.task_id, error = %e, "could not keep the result in the task cache");
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The task-cache key of `task`: its spec and its inputs' checksums.
+    fn cache_key(&self, task: usize) -> String {
+        let planned = &self.plan.tasks[task];
+        let inputs = planned.inputs.iter().map(|name| {
+            let stored = self
+                .store
+                .get(name)
+                .unwrap_or_else(|| panic!("input {name} of task {} is not stored", planned.id));
+            (name.as_str(), stored.sha256.as_str())
+        });
+        TaskCache::key(&planned.spec, inputs)
+    }
+
+    /// Completes `task`, just leased to `worker`, with a cached result;
+    /// false (the worker runs it) when there is none or it is refused.
+    fn complete_from_cache(
+        &mut self,
+        worker: &str,
+        task: usize,
+        attempt: u64,
+        now: Duration,
+    ) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let Some(hit) = cache.get(&self.cache_key(task)) else {
+            return false;
+        };
+        let id = self.plan.tasks[task].id.clone();
+        let header = pb::UploadHeader {
+            worker_id: worker.to_string(),
+            task_id: id.clone(),
+            attempt,
+            sha256: common::checksum::sha256_hex(&hit.payload),
+            size: hit.payload.len() as u64,
+            seconds: hit.seconds,
+            summary_json: serde_json::to_vec(&hit.summary).expect("JSON serialises"),
+        };
+        match self.store_result(&header, &hit.payload, now, true) {
+            Ok(_) => {
+                tracing::info!(task = %id, "result taken from the task cache");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "cached result refused; the task runs");
+                false
+            }
+        }
+    }
+
+    fn store_result(
+        &mut self,
+        header: &pb::UploadHeader,
+        payload: &[u8],
+        now: Duration,
+        cached: bool,
     ) -> Result<StoredArtifact, JobError> {
         self.check_upload(header, now)?;
         let task = self.task_index(&header.task_id)?;
@@ -322,6 +418,7 @@ impl Job {
             TaskRecord {
                 summary,
                 seconds: header.seconds,
+                cached,
             },
         );
         let id = planned.id.clone();
@@ -594,6 +691,39 @@ mod tests {
         assert!(
             !job.heartbeat(&hb, 21 * SECOND).unwrap(),
             "the stale worker is told to stop"
+        );
+    }
+
+    #[test]
+    fn a_cached_result_completes_its_task_in_a_later_job() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = || TaskCache::open(cache_dir.path()).unwrap();
+        let spec = distill::model::MlpSpec::new(8, vec![4], 3).unwrap();
+        let rng = &mut common::seed::rng(1, common::seed::Stream::Init);
+        let model = distill::model::Mlp::new_random(spec, rng, &candle_core::Device::Cpu).unwrap();
+        let bytes =
+            distill::model_io::to_bytes(&model, common::dataset::Normalization::Identity).unwrap();
+
+        let first_dir = tempfile::tempdir().unwrap();
+        let mut first = job(first_dir.path()).with_cache(cache());
+        let w = first.register(caps(), Duration::ZERO);
+        let teacher = leased(&mut first, &w, SECOND);
+        assert_eq!(teacher.task_id, "teacher-0");
+        first
+            .accept_result(&header(&w, &teacher, &bytes), &bytes, SECOND)
+            .unwrap();
+        assert!(!first.records["teacher-0"].cached);
+
+        let second_dir = tempfile::tempdir().unwrap();
+        let mut second = job(second_dir.path()).with_cache(cache());
+        let w = second.register(caps(), Duration::ZERO);
+        let next = leased(&mut second, &w, SECOND);
+        assert_eq!(next.task_id, "baseline", "teacher-0 came from the cache");
+        assert!(second.is_done("teacher-0"));
+        assert!(second.records["teacher-0"].cached);
+        assert_eq!(
+            std::fs::read(second_dir.path().join("models/teacher-0.safetensors")).unwrap(),
+            bytes
         );
     }
 }

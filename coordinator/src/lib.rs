@@ -5,6 +5,7 @@
 //!
 //! [`run`] is the whole program; `main.rs` only parses arguments.
 
+pub mod cache;
 pub mod config;
 pub mod data;
 pub mod job;
@@ -82,6 +83,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         test = splits.test.len(),
         "dataset loaded"
     );
+    cfg.check_classes(&opts.config, splits.train.num_classes())?;
+    if let Some(subset) = cfg.transfer_subset() {
+        let kept = subset
+            .mask(splits.train.labels(), splits.train.num_classes())
+            .context("[transfer]")?
+            .iter()
+            .filter(|&&k| k)
+            .count();
+        tracing::info!(
+            examples = kept,
+            of = splits.train.len(),
+            "the student and the baseline learn from a subset"
+        );
+    }
     let sizes = SplitSizes {
         train: splits.train.len(),
         validation: splits.validation.len(),
@@ -111,6 +126,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         cfg.max_attempts,
         poll_ms,
     );
+    let job = match &cfg.cache_dir {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), "task cache in use");
+            job.with_cache(crate::cache::TaskCache::open(dir)?)
+        }
+        None => job,
+    };
     let tasks = job.scheduler.len();
     let shared = SharedJob::new(
         job,

@@ -8,8 +8,8 @@ use std::ops::Range;
 use common::dataset::shard_ranges;
 use distill::hparams::TrainConfig;
 use distill::task::{
-    model_artifact, shard_artifact, EnsembleSpec, EvaluateTask, InferTask, TaskSpec, TrainTask,
-    DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+    model_artifact, shard_artifact, BiasAdjustment, EnsembleSpec, EvaluateTask, InferTask,
+    TaskSpec, TrainTask, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
 };
 
 use crate::config::{derive_seed, ClusterConfig};
@@ -70,8 +70,10 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     let teachers: Vec<String> = (0..cfg.teachers.count)
         .map(|k| format!("teacher-{k}"))
         .collect();
-    // Each model trains with its own seed, derived from the job's and its name.
-    let train = |name: &str, hidden: &[usize], base: &TrainConfig, distill| {
+    // Each model trains with its own seed, derived from the job's and its
+    // name. The student and the baseline learn from the `[transfer]`
+    // selection of examples; the teachers from the whole training split.
+    let train = |name: &str, hidden: &[usize], base: &TrainConfig, distill, teacher: bool| {
         TaskSpec::Train(TrainTask {
             model: name.into(),
             hidden: hidden.to_vec(),
@@ -80,13 +82,15 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 ..base.clone()
             },
             distill,
+            subset: if teacher { None } else { cfg.transfer_subset() },
+            record_test_curve: !teacher && cfg.record_test_curves,
         })
     };
     let mut tasks = Vec::new();
     for name in &teachers {
         tasks.push(PlannedTask {
             id: name.clone(),
-            spec: train(name, &cfg.teachers.hidden, &cfg.teachers.train, None),
+            spec: train(name, &cfg.teachers.hidden, &cfg.teachers.train, None, true),
             deps: vec![],
             inputs: vec![DATASET_ARTIFACT.into()],
             output: Output::Model(name.clone()),
@@ -95,7 +99,13 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     let teacher_tasks: Vec<usize> = (0..teachers.len()).collect();
     tasks.push(PlannedTask {
         id: BASELINE.into(),
-        spec: train(BASELINE, &cfg.student.hidden, cfg.baseline_train(), None),
+        spec: train(
+            BASELINE,
+            &cfg.student.hidden,
+            cfg.baseline_train(),
+            None,
+            false,
+        ),
         deps: vec![],
         inputs: vec![DATASET_ARTIFACT.into()],
         output: Output::Model(BASELINE.into()),
@@ -133,6 +143,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             &cfg.student.hidden,
             &cfg.student.train,
             Some(cfg.student.distill.clone()),
+            false,
         ),
         deps: infer_tasks,
         inputs: student_inputs,
@@ -154,6 +165,15 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         spec: TaskSpec::Evaluate(EvaluateTask {
             models: models.clone(),
             ensemble,
+            bias_adjustment: cfg
+                .student
+                .bias_adjustment
+                .as_ref()
+                .map(|a| BiasAdjustment {
+                    model: STUDENT.into(),
+                    classes: a.classes.clone(),
+                    shift: a.shift,
+                }),
         }),
         deps,
         inputs: std::iter::once(DATASET_ARTIFACT.to_string())

@@ -77,6 +77,16 @@ pub struct ModelReport {
     pub selected_epoch: Option<usize>,
     /// Model file, relative to the output folder (trained models).
     pub file: Option<String>,
+    /// For `student+bias`: the shift applied to the adjusted classes' biases.
+    pub bias_shift: Option<f64>,
+    /// Training examples it learned from (trained models).
+    pub training_examples: Option<usize>,
+    /// Validation errors after each epoch (trained models).
+    pub validation_errors_per_epoch: Vec<usize>,
+    /// Test errors after each epoch, when the job records test curves.
+    pub test_errors_per_epoch: Option<Vec<usize>>,
+    /// Whether the result came from the task cache instead of a worker.
+    pub cached: bool,
 }
 
 /// Sizes of the job's splits.
@@ -115,7 +125,14 @@ pub fn build(
     let models = evaluations
         .iter()
         .map(|e| {
-            let name = e.name.as_str();
+            let adjusted = e.bias_shift.is_some();
+            // A bias-adjusted model is reported under its own name but
+            // described (and its training found) as the model it adjusts.
+            let name = e
+                .name
+                .strip_suffix("+bias")
+                .filter(|_| adjusted)
+                .unwrap_or(&e.name);
             let (role, learned_from, temperature, architecture) = match name {
                 STUDENT => (
                     "student",
@@ -139,7 +156,7 @@ pub fn build(
                 role: role.into(),
                 teachers: learned_from,
                 temperature,
-                primary: name == STUDENT,
+                primary: e.name == STUDENT,
                 architecture,
                 params: e.params,
                 validation_errors: e.validation_errors,
@@ -157,7 +174,28 @@ pub fn build(
                     .and_then(|s| s.pointer("/training/selected_epoch"))
                     .and_then(|v| v.as_u64())
                     .map(|v| v as usize),
-                file: (role != "ensemble").then(|| format!("models/{name}.safetensors")),
+                file: (role != "ensemble" && !adjusted)
+                    .then(|| format!("models/{name}.safetensors")),
+                bias_shift: e.bias_shift,
+                training_examples: summary
+                    .and_then(|s| s.get("examples"))
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize),
+                validation_errors_per_epoch: summary
+                    .and_then(|s| s.pointer("/training/epochs"))
+                    .and_then(|v| v.as_array())
+                    .map(|epochs| {
+                        epochs
+                            .iter()
+                            .filter_map(|e| e.get("validation_errors")?.as_u64())
+                            .map(|v| v as usize)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                test_errors_per_epoch: summary
+                    .and_then(|s| s.get("test_errors_per_epoch"))
+                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
+                cached: record.is_some_and(|r| r.cached),
             }
         })
         .collect();
@@ -240,6 +278,7 @@ mod tests {
             params: 7,
             validation_errors: 1,
             test: Evaluation::from_predictions(&labels, &predicted, 2),
+            bias_shift: None,
         }
     }
 
@@ -255,13 +294,26 @@ mod tests {
             evaluation(STUDENT, &[1, 1]),
             evaluation(BASELINE, &[2, 1]),
             evaluation(ENSEMBLE, &[0, 0]),
+            ModelEvaluation {
+                bias_shift: Some(3.5),
+                ..evaluation("student+bias", &[0, 1])
+            },
         ];
         let records = HashMap::from([
             (
                 STUDENT.to_string(),
                 TaskRecord {
-                    summary: serde_json::json!({"train_seconds": 2.5, "training": {"selected_epoch": 4}}),
+                    summary: serde_json::json!({
+                        "train_seconds": 2.5,
+                        "examples": 80,
+                        "test_errors_per_epoch": [3, 2],
+                        "training": {
+                            "selected_epoch": 4,
+                            "epochs": [{"validation_errors": 5}, {"validation_errors": 4}]
+                        }
+                    }),
                     seconds: 3.0,
+                    cached: false,
                 },
             ),
             (
@@ -269,6 +321,7 @@ mod tests {
                 TaskRecord {
                     summary: serde_json::Value::Null,
                     seconds: 1.5,
+                    cached: true,
                 },
             ),
         ]);
@@ -298,8 +351,12 @@ mod tests {
         let roles: Vec<&str> = report.models.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(
             roles,
-            ["teacher", "teacher", "student", "baseline", "ensemble"]
+            ["teacher", "teacher", "student", "baseline", "ensemble", "student"]
         );
+        let adjusted = &report.models[5];
+        assert!(!adjusted.primary && adjusted.file.is_none());
+        assert_eq!(adjusted.bias_shift, Some(3.5));
+        assert_eq!(adjusted.test_errors, 1);
         let student = &report.models[2];
         assert!(student.primary && report.models.iter().filter(|m| m.primary).count() == 1);
         assert_eq!(student.teachers, teachers);
@@ -314,6 +371,10 @@ mod tests {
             (student.train_seconds, student.selected_epoch),
             (2.5, Some(4))
         );
+        assert_eq!(student.training_examples, Some(80));
+        assert_eq!(student.validation_errors_per_epoch, vec![5, 4]);
+        assert_eq!(student.test_errors_per_epoch, Some(vec![3, 2]));
+        assert!(!student.cached && report.models[3].cached);
         assert_eq!(
             report.models[3].train_seconds, 1.5,
             "falls back to the task's time"

@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     let targets = Targets::Transfer {
         set: &set,
         distill: &distill_cfg,
+        keep: None,
     };
     let distill_step =
         examples_per_second(&small, &data, &validation, targets, &plain_cfg, &device)?;

@@ -115,6 +115,7 @@ pub fn run(
     let targets = Targets::Transfer {
         set: &set,
         distill: &cfg.distill,
+        keep: None,
     };
     let (_, student) = run_model(
         cfg,

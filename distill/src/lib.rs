@@ -19,6 +19,7 @@ pub mod model;
 pub mod model_io;
 pub mod optim;
 pub mod schedule;
+pub mod subset;
 pub mod task;
 pub mod teacher;
 pub mod train;

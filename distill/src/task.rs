@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::eval::{argmax_rows_host, evaluate, predict_logits, Evaluation};
 use crate::hparams::{DistillConfig, TrainConfig};
 use crate::model::{Mlp, MlpSpec};
-use crate::train::{train_observed, StepProgress, Targets, TrainObserver, TrainReport};
+use crate::subset::{kept_indices, ExampleSubset};
+use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
 use crate::{model_io, Error, Result};
 
 /// Artifact name of the dataset bundle.
@@ -63,6 +64,13 @@ pub struct TrainTask {
     pub train: TrainConfig,
     /// `Some` to learn from the transfer set's soft targets.
     pub distill: Option<DistillConfig>,
+    /// Learn from these training examples only (all when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<ExampleSubset>,
+    /// Also count test errors after every epoch, for a learning curve in
+    /// the report (the test set never chooses anything).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_test_curve: bool,
 }
 
 /// Teacher inference over examples `start..end` of the training split.
@@ -87,7 +95,49 @@ pub struct EvaluateTask {
     pub models: Vec<String>,
     /// An ensemble of some of them to evaluate as one model.
     pub ensemble: Option<EnsembleSpec>,
+    /// One of them evaluated again with some output biases shifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias_adjustment: Option<BiasAdjustment>,
 }
+
+/// A model's output-layer biases of some classes shifted by one amount,
+/// given or chosen on the validation split (the paper's fix for classes
+/// missing from the transfer set).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BiasAdjustment {
+    /// The model to adjust (evaluated as `<model>+bias`).
+    pub model: String,
+    /// The classes whose biases move.
+    pub classes: Vec<u32>,
+    /// By how much.
+    pub shift: BiasShift,
+}
+
+/// How far the biases move.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BiasShift {
+    /// This much (negative lowers them).
+    Fixed(f64),
+    /// The shift with the fewest validation errors.
+    Chosen(ChooseOn),
+}
+
+/// Where a chosen value is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChooseOn {
+    /// On the validation split: every shift from -[`MAX_BIAS_SHIFT`] to
+    /// +[`MAX_BIAS_SHIFT`] in steps of [`BIAS_SHIFT_STEP`] is tried and the
+    /// one with the fewest errors kept (on ties, the smallest in magnitude).
+    Validation,
+}
+
+/// The largest bias shift tried when choosing on the validation split.
+pub const MAX_BIAS_SHIFT: f64 = 15.0;
+/// The step of the shifts tried when choosing on the validation split.
+pub const BIAS_SHIFT_STEP: f64 = 0.1;
 
 /// An ensemble evaluated as one model: its members' class distributions
 /// combined at T = 1.
@@ -103,7 +153,7 @@ pub struct EnsembleSpec {
 }
 
 /// How one model did; the payload of an evaluation task is a list of these.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelEvaluation {
     /// The model's (or ensemble's) name.
     pub name: String,
@@ -113,6 +163,9 @@ pub struct ModelEvaluation {
     pub validation_errors: usize,
     /// The test-set evaluation.
     pub test: Evaluation,
+    /// For a bias-adjusted model: the shift applied to the classes' biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias_shift: Option<f64>,
 }
 
 /// What a task reads, already downloaded and verified.
@@ -190,28 +243,84 @@ fn run_train(
         }
         (None, _) => None,
     };
-    let targets = match (&set, &task.distill) {
-        (Some(set), Some(distill)) => Targets::Transfer { set, distill },
-        _ => Targets::Labels,
+    let keep = match &task.subset {
+        Some(subset) if !subset.is_everything() => {
+            Some(subset.mask(splits.train.labels(), splits.train.num_classes())?)
+        }
+        _ => None,
+    };
+    let labelled_subset;
+    let (train_data, targets) = match (&set, &task.distill, &keep) {
+        (Some(set), Some(distill), keep) => (
+            &splits.train,
+            Targets::Transfer {
+                set,
+                distill,
+                keep: keep.as_deref(),
+            },
+        ),
+        (_, _, Some(keep)) => {
+            labelled_subset = splits.train.subset(
+                &kept_indices(keep),
+                format!("{}/subset", splits.train.name()),
+            );
+            (&labelled_subset, Targets::Labels)
+        }
+        (_, _, None) => (&splits.train, Targets::Labels),
+    };
+    let examples = keep.as_ref().map_or(splits.train.len(), |k| {
+        k.iter().filter(|&&kept| kept).count()
+    });
+    let mut curve = TestCurve {
+        model: &model,
+        test: &splits.test,
+        device,
+        inner: observer,
+        errors: task.record_test_curve.then(Vec::new),
     };
     let started = Instant::now();
     let report: TrainReport = train_observed(
         &model,
-        &splits.train,
+        train_data,
         &splits.validation,
         targets,
         &task.train,
         device,
-        observer,
+        &mut curve,
     )?;
+    let mut summary = serde_json::json!({
+        "train_seconds": started.elapsed().as_secs_f64(),
+        "examples": examples,
+        "training": report,
+    });
+    if let Some(errors) = curve.errors {
+        summary["test_errors_per_epoch"] = serde_json::json!(errors);
+    }
     let payload = model_io::to_bytes(&model, splits.train.normalization())?;
-    Ok(TaskOutput {
-        payload,
-        summary: serde_json::json!({
-            "train_seconds": started.elapsed().as_secs_f64(),
-            "training": report,
-        }),
-    })
+    Ok(TaskOutput { payload, summary })
+}
+
+/// Passes training progress on and, when `errors` is `Some`, counts the
+/// model's test errors after every epoch.
+struct TestCurve<'a> {
+    model: &'a Mlp,
+    test: &'a common::dataset::Dataset,
+    device: &'a Device,
+    inner: &'a mut dyn TrainObserver,
+    errors: Option<Vec<usize>>,
+}
+
+impl TrainObserver for TestCurve<'_> {
+    fn on_step(&mut self, progress: &StepProgress) -> Result<()> {
+        self.inner.on_step(progress)
+    }
+
+    fn on_epoch(&mut self, stats: &EpochStats) -> Result<()> {
+        if let Some(errors) = &mut self.errors {
+            errors.push(evaluate(self.model, self.test, self.device)?.errors);
+        }
+        self.inner.on_epoch(stats)
+    }
 }
 
 fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
@@ -289,6 +398,7 @@ fn run_evaluate(
             params: parameter_count(model.spec()),
             validation_errors: evaluate(&model, &splits.validation, device)?.errors,
             test: evaluate(&model, &splits.test, device)?,
+            bias_shift: None,
         });
         models.insert(name.clone(), model);
         tick(observer, k + 1, started, splits.test.len() * (k + 1))?;
@@ -321,13 +431,84 @@ fn run_evaluate(
                 &predict(&splits.test)?,
                 classes,
             ),
+            bias_shift: None,
         });
+    }
+    if let Some(adjustment) = &task.bias_adjustment {
+        let model = models.get(&adjustment.model).ok_or_else(|| {
+            Error::invalid(
+                "bias_adjustment.model",
+                format!("{} is not among the evaluated models", adjustment.model),
+            )
+        })?;
+        results.push(evaluate_bias_adjusted(model, adjustment, splits, device)?);
     }
     let payload = serde_json::to_vec_pretty(&results).expect("evaluations serialise");
     Ok(TaskOutput {
         payload,
         summary: serde_json::json!({ "seconds": started.elapsed().as_secs_f64() }),
     })
+}
+
+/// Evaluates `model` with the output biases of `adjustment.classes` moved
+/// (adding to a class's logit is the same as adding to its bias).
+fn evaluate_bias_adjusted(
+    model: &Mlp,
+    adjustment: &BiasAdjustment,
+    splits: &Splits,
+    device: &Device,
+) -> Result<ModelEvaluation> {
+    let classes = splits.test.num_classes();
+    if let Some(c) = adjustment.classes.iter().find(|&&c| c as usize >= classes) {
+        return Err(Error::invalid(
+            "bias_adjustment.classes",
+            format!("class {c} does not exist (the data has {classes} classes)"),
+        ));
+    }
+    let predict_shifted = |logits: &[f32], shift: f64| {
+        let mut scores = logits.to_vec();
+        for row in scores.chunks_exact_mut(classes) {
+            for &c in &adjustment.classes {
+                row[c as usize] += shift as f32;
+            }
+        }
+        argmax_rows_host(&scores, classes)
+    };
+    let validation_logits = predict_logits(model, &splits.validation, device)?;
+    let validation_errors_at = |shift: f64| {
+        Evaluation::from_predictions(
+            splits.validation.labels(),
+            &predict_shifted(&validation_logits, shift),
+            classes,
+        )
+        .errors
+    };
+    let shift = match adjustment.shift {
+        BiasShift::Fixed(shift) => shift,
+        BiasShift::Chosen(ChooseOn::Validation) => best_shift(validation_errors_at),
+    };
+    let test_logits = predict_logits(model, &splits.test, device)?;
+    Ok(ModelEvaluation {
+        name: format!("{}+bias", adjustment.model),
+        params: parameter_count(model.spec()),
+        validation_errors: validation_errors_at(shift),
+        test: Evaluation::from_predictions(
+            splits.test.labels(),
+            &predict_shifted(&test_logits, shift),
+            classes,
+        ),
+        bias_shift: Some(shift),
+    })
+}
+
+/// The shift in ±[`MAX_BIAS_SHIFT`] (steps of [`BIAS_SHIFT_STEP`]) with the
+/// fewest errors; on ties the smallest in magnitude, then the negative one.
+fn best_shift(errors_at: impl Fn(f64) -> usize) -> f64 {
+    let steps = (MAX_BIAS_SHIFT / BIAS_SHIFT_STEP).round() as i64;
+    let best = (-steps..=steps)
+        .min_by_key(|&k| (errors_at(k as f64 * BIAS_SHIFT_STEP), k.abs(), k))
+        .expect("the range is not empty");
+    best as f64 * BIAS_SHIFT_STEP
 }
 
 /// The classes predicted by an ensemble: the argmax of its members' combined
@@ -383,6 +564,8 @@ mod tests {
                 ..TrainConfig::default()
             },
             distill,
+            subset: None,
+            record_test_curve: false,
         })
     }
 
@@ -480,14 +663,84 @@ mod tests {
                 members: vec!["teacher-0".into()],
                 combine: EnsembleCombine::Arithmetic,
             }),
+            bias_adjustment: Some(BiasAdjustment {
+                model: "student".into(),
+                classes: vec![1],
+                shift: BiasShift::Chosen(ChooseOn::Validation),
+            }),
         });
         let results: Vec<ModelEvaluation> =
             serde_json::from_slice(&run(&eval, &eval_inputs).payload).unwrap();
-        assert_eq!(results.len(), 3);
+        assert_eq!(results.len(), 4);
+        assert_eq!(results[3].name, "student+bias");
+        // The chosen shift is never worse on validation than no shift.
+        assert!(results[3].validation_errors <= results[1].validation_errors);
+        assert!(results[3].bias_shift.unwrap().abs() <= MAX_BIAS_SHIFT);
         assert_eq!(results[0].params, 8 * 16 + 16 + 16 * 4 + 4);
         // A one-member ensemble predicts exactly what its member predicts.
         assert_eq!(results[2].test, results[0].test);
         assert_eq!(results[2].validation_errors, results[0].validation_errors);
+    }
+
+    #[test]
+    fn best_shift_minimises_errors_and_prefers_small_shifts_on_ties() {
+        // Errors fall to 0 between 3.5 and 4.0 (inclusive).
+        let errors = |s: f64| if (3.45..4.05).contains(&s) { 0 } else { 5 };
+        assert!((best_shift(errors) - 3.5).abs() < 1e-9);
+        assert_eq!(best_shift(|_| 1), 0.0);
+        let lowest_at_minus = |s: f64| ((s + 7.6).abs() * 10.0).round() as usize;
+        assert!((best_shift(lowest_at_minus) + 7.6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bias_shift_parses_from_a_number_or_validation() {
+        let fixed: BiasAdjustment =
+            serde_json::from_str(r#"{"model":"s","classes":[3],"shift":3.5}"#).unwrap();
+        assert_eq!(fixed.shift, BiasShift::Fixed(3.5));
+        let chosen: BiasAdjustment =
+            serde_json::from_str(r#"{"model":"s","classes":[3],"shift":"validation"}"#).unwrap();
+        assert_eq!(chosen.shift, BiasShift::Chosen(ChooseOn::Validation));
+        assert!(serde_json::from_str::<BiasAdjustment>(
+            r#"{"model":"s","classes":[3],"shift":"test"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn a_subset_trains_on_fewer_examples_and_records_a_test_curve() {
+        let splits = splits();
+        let none = TaskInputs {
+            splits: &splits,
+            models: HashMap::new(),
+            transfer_dir: None,
+        };
+        let spec = TaskSpec::Train(TrainTask {
+            subset: Some(ExampleSubset {
+                exclude_classes: vec![0],
+                ..ExampleSubset::default()
+            }),
+            record_test_curve: true,
+            ..match train_spec("baseline", None) {
+                TaskSpec::Train(t) => t,
+                _ => unreachable!(),
+            }
+        });
+        let out = spec.execute(&none, &Device::Cpu, &mut Count(0)).unwrap();
+        let without_0 = splits.train.labels().iter().filter(|&&l| l != 0).count();
+        assert_eq!(out.summary["examples"], without_0);
+        assert_eq!(
+            out.summary["test_errors_per_epoch"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        // A class never seen is never predicted: every test 0 is an error.
+        let model = model_io::from_bytes(&out.payload, Path::new("m"), &Device::Cpu)
+            .unwrap()
+            .model;
+        let e = evaluate(&model, &splits.test, &Device::Cpu).unwrap();
+        assert_eq!(e.per_class_errors[0], e.per_class_totals[0]);
     }
 
     #[test]

@@ -37,7 +37,22 @@ pub enum Targets<'a> {
         set: &'a TransferSet,
         /// Temperature, hard-label weight, ensemble combination.
         distill: &'a DistillConfig,
+        /// `keep[i]`: whether training example `i` is learnt from (all when
+        /// `None`); see [`crate::subset::ExampleSubset::mask`].
+        keep: Option<&'a [bool]>,
     },
+}
+
+impl Targets<'_> {
+    /// Whether training example `i` is learnt from.
+    fn keeps(&self, i: usize) -> bool {
+        match self {
+            Targets::Transfer {
+                keep: Some(keep), ..
+            } => keep[i],
+            _ => true,
+        }
+    }
 }
 
 /// What happened in one epoch.
@@ -166,7 +181,12 @@ pub fn train_observed(
             .manifest()
             .shards
             .iter()
-            .map(|s| s.rows.div_ceil(cfg.batch_size))
+            .map(|s| {
+                let kept = (s.start..s.start + s.rows)
+                    .filter(|&i| targets.keeps(i))
+                    .count();
+                kept.div_ceil(cfg.batch_size)
+            })
             .sum(),
     };
     let schedule = LrSchedule::new(
@@ -198,16 +218,17 @@ pub fn train_observed(
     for epoch in 1..=cfg.epochs {
         let started = Instant::now();
         let steps_before = step.step;
+        let mut examples_seen = 0usize;
         step.loss_sum = 0.0;
-        let mut seen = 0usize;
         let mut after_step = |step: &Stepper<'_>, rows: usize| {
-            seen += rows;
+            examples_seen += rows;
             observer.on_step(&StepProgress {
                 epoch,
                 epochs: cfg.epochs,
                 step: step.step,
                 mean_loss: step.loss_sum / (step.step - steps_before).max(1) as f64,
-                examples_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                examples_per_second: examples_seen as f64
+                    / started.elapsed().as_secs_f64().max(1e-9),
             })
         };
         match targets {
@@ -219,13 +240,15 @@ pub fn train_observed(
                     after_step(&step, chunk.len())?;
                 }
             }
-            Targets::Transfer { set, distill } => {
+            Targets::Transfer { set, distill, .. } => {
                 let mut shard_order: Vec<usize> = (0..set.num_shards()).collect();
                 shard_order.shuffle(&mut shuffle_rng);
                 for s in shard_order {
                     let shard = set.read_shard(s)?;
                     let soft = shard.soft_targets(distill.temperature, distill.combine)?;
-                    let mut rows: Vec<usize> = (0..shard.rows).collect();
+                    let mut rows: Vec<usize> = (0..shard.rows)
+                        .filter(|&r| targets.keeps(shard.start + r))
+                        .collect();
                     rows.shuffle(&mut shuffle_rng);
                     for chunk in rows.chunks(cfg.batch_size) {
                         let indices: Vec<usize> = chunk.iter().map(|r| shard.start + r).collect();
@@ -247,7 +270,7 @@ pub fn train_observed(
             validation_errors,
             learning_rate: step.lr,
             seconds,
-            examples_per_second: train.len() as f64 / seconds,
+            examples_per_second: examples_seen as f64 / seconds,
         };
         tracing::info!(
             epoch,
@@ -413,9 +436,19 @@ fn check_compatible(
             ),
         ));
     }
-    if let Targets::Transfer { set, distill } = targets {
+    if let Targets::Transfer { set, distill, keep } = targets {
         distill.validate()?;
         set.check_dataset(train)?;
+        if keep.is_some_and(|k| k.len() != train.len()) {
+            return Err(Error::invalid(
+                "example subset",
+                format!(
+                    "selects from {} examples, the training split has {}",
+                    keep.map_or(0, <[bool]>::len),
+                    train.len()
+                ),
+            ));
+        }
     }
     Ok(())
 }

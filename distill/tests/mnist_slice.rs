@@ -120,6 +120,7 @@ fn small_nets_learn_mnist_and_distill_through_a_transfer_set() {
         Targets::Transfer {
             set: &set,
             distill: &distill,
+            keep: None,
         },
         &student_cfg,
         &dev,

@@ -73,6 +73,7 @@ fn distilled_student_learns_from_the_teacher_through_a_transfer_set() {
         Targets::Transfer {
             set: &set,
             distill: &distill,
+            keep: None,
         },
         &student_cfg,
     );
@@ -144,6 +145,7 @@ fn transfer_set_for_other_data_is_refused() {
         Targets::Transfer {
             set: &set,
             distill: &distill,
+            keep: None,
         },
         &TrainConfig::default(),
         &dev,
