@@ -188,8 +188,9 @@ def load_mnist_folder(folder: Path, name: str):
     md5 = IDX_MD5.get(name, {})
     out = []
     for prefix in ("train", "t10k"):
-        images = read_idx(find_idx(folder, f"{prefix}-images-idx3-ubyte"), md5.get(f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(find_idx(folder, f"{prefix}-labels-idx1-ubyte"), md5.get(f"{prefix}-labels-idx1-ubyte"))
+        images_stem, labels_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        images = read_idx(find_idx(folder, images_stem), md5.get(images_stem))
+        labels = read_idx(find_idx(folder, labels_stem), md5.get(labels_stem))
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"{folder}: {prefix} images {images.shape} and labels {labels.shape} disagree")
         x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0))
@@ -260,8 +261,8 @@ class Mlp(torch.nn.Module):
         whose L2 norm exceeds `max_norm` down to that norm, in every layer."""
         for layer in self.layers:
             w = layer.weight
-            norms = w.square().sum(dim=1, keepdim=True).sqrt()
-            w.mul_(max_norm / norms.clamp(min=max_norm))
+            norms = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+            w.mul_(max_norm / norms.clamp_(min=max_norm))
 
 
 def dropout_masks(model: Mlp, batch: int, p_input: float, p_hidden: float, gen: torch.Generator):
@@ -274,7 +275,8 @@ def dropout_masks(model: Mlp, batch: int, p_input: float, p_hidden: float, gen: 
         if p <= 0.0:
             masks.append(None)
             continue
-        keep = torch.empty(batch, width).bernoulli_(1.0 - p, generator=gen)
+        # u < p drops, as in the Rust code; ge_ leaves 1.0 where u >= p.
+        keep = torch.rand(batch, width, generator=gen).ge_(p)
         masks.append(keep.mul_(1.0 / (1.0 - p)))
     return masks
 
@@ -284,7 +286,8 @@ def dropout_masks(model: Mlp, batch: int, p_input: float, p_hidden: float, gen: 
 # --------------------------------------------------------------------------
 
 
-def jitter_images(x: torch.Tensor, height: int, width: int, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+def jitter_images(x: torch.Tensor, height: int, width: int, max_shift: int,
+                  gen: torch.Generator) -> torch.Tensor:
     """Shifts each image by a random (dy, dx) in -max_shift..=max_shift,
     out[y][x] = in[y - dy][x - dx] where that is inside, else 0."""
     if max_shift == 0:
@@ -293,11 +296,13 @@ def jitter_images(x: torch.Tensor, height: int, width: int, max_shift: int, gen:
     m = max_shift
     dy = torch.randint(-m, m + 1, (b,), generator=gen)
     dx = torch.randint(-m, m + 1, (b,), generator=gen)
-    padded = F.pad(x.view(b, height, width), (m, m, m, m))
-    rows = torch.arange(height).unsqueeze(0) - dy.unsqueeze(1) + m  # [b, h]
-    cols = torch.arange(width).unsqueeze(0) - dx.unsqueeze(1) + m  # [b, w]
-    out = padded[torch.arange(b).view(b, 1, 1), rows.unsqueeze(2), cols.unsqueeze(1)]
-    return out.reshape(b, height * width)
+    # Zero-pad by m on every side, then read each output pixel (y, x) from
+    # padded (y - dy + m, x - dx + m): one gather over flat indices.
+    pw = width + 2 * m
+    padded = F.pad(x.reshape(b, height, width), (m, m, m, m)).reshape(b, -1)
+    base = (torch.arange(height).view(-1, 1) * pw + torch.arange(width).view(1, -1)).view(1, -1)
+    offset = ((m - dy) * pw + (m - dx)).view(b, 1)
+    return padded.gather(1, base + offset)
 
 
 # --------------------------------------------------------------------------
@@ -322,7 +327,8 @@ def mean_entropy(targets: torch.Tensor) -> float:
     return float(-(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum() / max(p.shape[0], 1))
 
 
-def learning_rate(step: int, base: float, warmup_steps: int, total_steps: int, final_fraction: float) -> float:
+def learning_rate(step: int, base: float, warmup_steps: int, total_steps: int,
+                  final_fraction: float) -> float:
     """0-based `step`: linear from base / warmup_steps up to base over the
     warm-up, then a cosine from base down to base * final_fraction at
     total_steps, flat after."""
@@ -533,7 +539,8 @@ def run_pipeline(args) -> dict:
         for name in teachers
     }
     stages["teacher_inference"] = time.perf_counter() - t
-    log(f"teacher inference: {len(train[1])} rows x {len(teachers)} teacher(s) in {stages['teacher_inference']:.1f} s")
+    log(f"teacher inference: {len(train[1])} rows x {len(teachers)} teacher(s) "
+        f"in {stages['teacher_inference']:.1f} s")
 
     transfer = {
         "soft": soft_targets([logits[n] for n in teachers], args.temperature),
@@ -646,7 +653,7 @@ def run_throughput(args) -> dict:
     data (pixels uniform in [0, 1], random labels), each next to the GEMM
     rate of its own matrix shapes."""
     gen = torch.Generator().manual_seed(args.seed)
-    pool = min((args.warmup + args.steps) * BATCH, 60_000)
+    pool = max(min((args.warmup + args.steps) * BATCH, 60_000), 2 * INFERENCE_BATCH)
     x_pool = torch.rand(pool, INPUT_DIM, generator=gen)
     y_pool = torch.randint(0, NUM_CLASSES, (pool,), generator=gen)
     # Soft targets from random "teacher" logits at T = 20 (cost does not
@@ -691,8 +698,9 @@ def run_throughput(args) -> dict:
     def infer():
         teacher(x_pool[next(it)])
 
-    infer_steps = max(1, args.steps * BATCH // INFERENCE_BATCH)
-    seconds = time_steps(infer, max(1, args.warmup // 4), infer_steps)
+    # As many examples as a training figure (at least 3 batches of 1024).
+    infer_steps = max(3, math.ceil(args.steps * BATCH / INFERENCE_BATCH))
+    seconds = time_steps(infer, max(2, math.ceil(args.warmup * BATCH / INFERENCE_BATCH)), infer_steps)
     figures["teacher_infer"] = {"examples_per_second": infer_steps * INFERENCE_BATCH / seconds,
                                 "hidden": TEACHER_HIDDEN, "batch": INFERENCE_BATCH}
     print(f"teacher_infer: {figures['teacher_infer']['examples_per_second']:.0f} examples/s",
@@ -711,8 +719,9 @@ def run_throughput(args) -> dict:
         g = measure_gemm(shapes, batch, args.gemm_repeats, args.gemm_seconds)
         fig = figures[name]
         fig.update(g)
-        fig["gemm_shapes_mkn"] = [list(s) for s in shapes]
-        fig["fraction_of_gemm"] = fig["examples_per_second"] * g["flops_per_example"] / (g["gemm_gflops_median"] * 1e9)
+        fig["gemm_shapes_mkn"] = [f"{m}x{k}x{n}" for m, k, n in shapes]
+        step_flops = fig["examples_per_second"] * g["flops_per_example"]
+        fig["fraction_of_gemm"] = step_flops / (g["gemm_gflops_median"] * 1e9)
         print(f"{name}: GEMM {g['gemm_gflops_median']:.1f} GFLOP/s, step reaches "
               f"{fig['fraction_of_gemm']:.2f} of it", file=sys.stderr, flush=True)
 
@@ -843,14 +852,19 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tp = sub.add_parser("throughput", help="examples/s of each kind of step, with the GEMM rate of its shapes")
+    tp = sub.add_parser("throughput",
+                        help="examples/s of each kind of step, with the GEMM rate of its shapes")
     tp.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    tp.add_argument("--steps", type=int, default=200, help="timed steps per figure (default 200)")
+    tp.add_argument("--steps", type=int, default=200,
+                    help="timed steps per training figure (default 200); teacher_infer times as many "
+                         "examples in batches of 1024")
     tp.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     tp.add_argument("--jitter", type=int, default=2,
-                    help="teacher_train's jitter in pixels (default 2; 0 to match distill/benches, which has none)")
+                    help="teacher_train's jitter in pixels (default 2; 0 matches "
+                         "distill/benches/train_throughput.rs, whose teacher has none)")
     tp.add_argument("--gemm-repeats", type=int, default=7, help="GEMM timing repeats (default 7)")
-    tp.add_argument("--gemm-seconds", type=float, default=0.2, help="minimum seconds per GEMM repeat (default 0.2)")
+    tp.add_argument("--gemm-seconds", type=float, default=0.2,
+                    help="minimum seconds per GEMM repeat (default 0.2)")
     tp.add_argument("--seed", type=int, default=1)
     tp.add_argument("--out", type=Path, default=None, help="write the JSON here too")
 
@@ -872,6 +886,8 @@ def main(argv=None) -> int:
     st.add_argument("--out", type=Path, default=None)
 
     args = parser.parse_args(argv)
+    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.gemm_repeats < 1):
+        parser.error("--steps and --gemm-repeats must be at least 1, --warmup at least 0")
     set_threads(getattr(args, "threads", None))
     torch.set_default_dtype(torch.float32)
     if args.command == "throughput":

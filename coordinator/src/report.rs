@@ -71,6 +71,8 @@ pub struct ModelReport {
     pub test_accuracy: f64,
     /// Test errors per true class.
     pub per_class_errors: Vec<usize>,
+    /// Test examples per true class.
+    pub per_class_totals: Vec<usize>,
     /// Seconds of training, without fetching inputs (0 for an ensemble).
     pub train_seconds: f64,
     /// Epoch whose weights were kept (trained models).
@@ -163,6 +165,7 @@ pub fn build(
                 test_errors: e.test.errors,
                 test_accuracy: e.test.accuracy(),
                 per_class_errors: e.test.per_class_errors.clone(),
+                per_class_totals: e.test.per_class_totals.clone(),
                 // The training itself, without fetching inputs (the
                 // task's whole time when the summary lacks it).
                 train_seconds: summary
