@@ -297,13 +297,17 @@ fn missing_classes(m: &MissingClasses, jobs: &[JobResult]) -> anyhow::Result<Ana
         let missing = case.missing(classes);
         let on_missing = |job: &JobResult, model: &str| -> anyhow::Result<(f64, f64)> {
             let m = job.model(model)?;
-            let sum = |key: &str| -> f64 {
+            let sum = |key: &str| -> anyhow::Result<f64> {
                 missing
                     .iter()
-                    .filter_map(|&c| m[key][c as usize].as_f64())
+                    .map(|&c| {
+                        m[key][c as usize]
+                            .as_f64()
+                            .with_context(|| format!("{model}.{key}[{c}] is missing"))
+                    })
                     .sum()
             };
-            Ok((sum("per_class_errors"), sum("per_class_totals")))
+            Ok((sum("per_class_errors")?, sum("per_class_totals")?))
         };
         let rows: [(&str, &[&JobResult], &str); 4] = [
             (

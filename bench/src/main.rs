@@ -42,6 +42,9 @@ struct Args {
     /// README whose results blocks are updated.
     #[arg(long, default_value = "bench/README.md")]
     readme: PathBuf,
+    /// Leave the README alone (smoke runs).
+    #[arg(long)]
+    no_readme: bool,
     /// Folder of the `coordinator` and `worker` binaries (default: this
     /// program's folder).
     #[arg(long)]
@@ -87,7 +90,7 @@ fn run_experiment(file: &Path, paths: &Paths, args: &Args) -> anyhow::Result<()>
                 started.elapsed().as_secs_f64()
             );
             jobs.push((job, seconds));
-            write_results(&exp, file, &jobs, args)?;
+            write_results(&exp, file, &jobs, args, n == total)?;
         }
     }
     println!(
@@ -103,11 +106,13 @@ fn write_results(
     file: &Path,
     jobs: &[(JobResult, f64)],
     args: &Args,
+    all_done: bool,
 ) -> anyhow::Result<()> {
     let finished: Vec<JobResult> = jobs.iter().map(|(j, _)| j.clone()).collect();
     std::fs::create_dir_all(&args.results_dir)?;
     let analysis = match analysis::analyse(exp, &finished, &args.results_dir) {
         Ok(a) => a,
+        Err(e) if all_done => return Err(e.context(format!("{}: analysis failed", exp.name))),
         // Too few jobs yet for this experiment's tables.
         Err(e) => {
             eprintln!("(no results yet: {e:#})");
@@ -141,5 +146,6 @@ fn write_results(
         jobs: summaries,
         data: analysis.data,
     };
-    results.write(&args.results_dir, &args.readme)
+    let readme = (!args.no_readme).then_some(args.readme.as_path());
+    results.write(&args.results_dir, readme)
 }

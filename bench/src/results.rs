@@ -109,9 +109,9 @@ impl Results {
     }
 
     /// Writes `<name>.md` and `<name>.json` into `dir`, and the body into
-    /// `readme` between `<!-- results:<name> -->` and `<!-- /results:<name> -->`
-    /// when it has those markers.
-    pub fn write(&self, dir: &Path, readme: &Path) -> anyhow::Result<()> {
+    /// `readme` (if given) between `<!-- results:<name> -->` and
+    /// `<!-- /results:<name> -->` when it has those markers.
+    pub fn write(&self, dir: &Path, readme: Option<&Path>) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         let md = format!("# {}\n\n{}", self.title, self.body(""));
         std::fs::write(dir.join(format!("{}.md", self.name)), md)?;
@@ -119,6 +119,9 @@ impl Results {
             dir.join(format!("{}.json", self.name)),
             serde_json::to_vec_pretty(self)?,
         )?;
+        let Some(readme) = readme else {
+            return Ok(());
+        };
         if let Ok(text) = std::fs::read_to_string(readme) {
             let updated = replace_block(&text, &self.name, &self.body("results/"))
                 .with_context(|| format!("{} has no results block", readme.display()));

@@ -1,7 +1,9 @@
 //! Training throughput on this machine, batch 128: the 784-1200-1200-10 net
-//! with dropout (0.2 input, 0.5 hidden) and max-norm, the 784-800-800-10 net
-//! on hard labels, and the 800-800 distillation step at T = 20; plus the
-//! machine's matrix-multiply rate measured in the same run, as a reference.
+//! with dropout (0.2 input, 0.5 hidden), max-norm and ±2-pixel jitter, the
+//! 784-800-800-10 net on hard labels, and the 800-800 distillation step at
+//! T = 20; teacher inference at batch 1024; plus, measured in the same run,
+//! the matrix-multiply rate of candle on each step's own GEMM shapes
+//! (median of 7 repeats) and on 2048³, as references.
 //!
 //! ```text
 //! cargo bench -p distill --bench train_throughput [-- --steps 200]
@@ -26,6 +28,7 @@ use rand::Rng;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 128;
+const INFER_BATCH: usize = 1024;
 
 fn main() -> anyhow::Result<()> {
     let steps: usize = std::env::args()
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         input_dropout: 0.2,
         hidden_dropout: 0.5,
         max_norm: Some(4.0),
+        jitter_pixels: 2,
         select: EpochSelection::Last,
         ..TrainConfig::default()
     };
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         input_dropout: 0.0,
         hidden_dropout: 0.0,
         max_norm: None,
+        jitter_pixels: 0,
         ..teacher_cfg.clone()
     };
     let large = MlpSpec::new(784, vec![1200, 1200], 10)?;
@@ -88,11 +93,18 @@ fn main() -> anyhow::Result<()> {
     let distill_step =
         examples_per_second(&small, &data, &validation, targets, &plain_cfg, &device)?;
 
+    let gemm = serde_json::json!({
+        "teacher_train": step_gemm_rate(&large, BATCH, true, &device)?,
+        "student_train": step_gemm_rate(&small, BATCH, true, &device)?,
+        "distill_step": step_gemm_rate(&small, BATCH, true, &device)?,
+        "teacher_infer": step_gemm_rate(&large, INFER_BATCH, false, &device)?,
+    });
     let report = serde_json::json!({
         "batch": BATCH,
         "steps": steps,
         "threads": candle_core::utils::get_num_threads(),
         "matmul_gflops_2048": gflops,
+        "step_gemm": gemm,
         "examples_per_second": {
             "teacher_1200_1200_dropout": teacher,
             "mlp_800_800_hard": student_hard,
@@ -130,6 +142,71 @@ fn examples_per_second(
     let model = Mlp::new_random(spec.clone(), &mut seed::rng(1, Stream::Init), device)?;
     let report = train(&model, data, validation, targets, cfg, device, |_| {})?;
     Ok(report.epochs[0].examples_per_second)
+}
+
+/// The GEMMs of one step of `spec` at `batch` rows as (m, k, n): the
+/// forward pass, and when `backward`, each layer's weight gradient and
+/// every layer's input gradient but the first's.
+fn step_gemm_shapes(spec: &MlpSpec, batch: usize, backward: bool) -> Vec<(usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for (layer, (input, output)) in spec.layer_dims().into_iter().enumerate() {
+        shapes.push((batch, input, output));
+        if backward {
+            shapes.push((input, batch, output));
+            if layer > 0 {
+                shapes.push((batch, output, input));
+            }
+        }
+    }
+    shapes
+}
+
+/// candle's rate on one step's GEMMs: FLOPs per example, and GFLOP/s as the
+/// median (and all) of 7 repeats of at least 0.2 s each.
+fn step_gemm_rate(
+    spec: &MlpSpec,
+    batch: usize,
+    backward: bool,
+    device: &Device,
+) -> anyhow::Result<serde_json::Value> {
+    let shapes = step_gemm_shapes(spec, batch, backward);
+    let operands = shapes
+        .iter()
+        .map(|&(m, k, n)| {
+            Ok((
+                Tensor::randn(0f32, 1.0, (m, k), device)?,
+                Tensor::randn(0f32, 1.0, (k, n), device)?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let flops: f64 = shapes
+        .iter()
+        .map(|&(m, k, n)| 2.0 * (m * k * n) as f64)
+        .sum();
+    let run_once = || -> anyhow::Result<()> {
+        for (a, b) in &operands {
+            a.matmul(b)?;
+        }
+        Ok(())
+    };
+    run_once()?;
+    let mut rates = Vec::new();
+    for _ in 0..7 {
+        let started = Instant::now();
+        let mut reps = 0;
+        while started.elapsed().as_secs_f64() < 0.2 {
+            run_once()?;
+            reps += 1;
+        }
+        rates.push(flops * reps as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    let mut sorted = rates.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "flops_per_example": flops / batch as f64,
+        "gemm_gflops_median": sorted[sorted.len() / 2],
+        "gemm_gflops_repeats": rates,
+    }))
 }
 
 fn matmul_gflops(device: &Device) -> anyhow::Result<f64> {
