@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Merges our measurements and PyTorch's into bench/results/pytorch-comparison.{json,md}.
+
+Called by bench/compare.sh, which produced the inputs in one run on the same
+machine with the same thread count. For every figure it writes both values
+and `speedup` (how many times faster we are: ours/theirs for throughput,
+theirs/ours for wall time; above 1 means we win). For the training and
+inference steps it also gives the machine's fp32 GEMM rate on the step's own
+matrix shapes (the faster of candle's and torch's medians of 7 repeats,
+measured in the same run) and the fraction of it each framework's step
+reaches.
+
+usage: compare.py WORK_DIR COMMAND  (WORK_DIR holds ours-throughput.json,
+torch-throughput.json, ours-pipeline/report.json, ours-pipeline-wall.txt,
+torch-pipeline.json)
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+STEPS = [
+    # (key in torch's figures, key in ours, description)
+    ("teacher_train", "teacher_1200_1200_dropout",
+     "train 784-1200-1200-10, dropout 0.2/0.5, max-norm, ±2 px jitter, batch 128"),
+    ("student_train", "mlp_800_800_hard", "train 784-800-800-10 on hard labels, batch 128"),
+    ("distill_step", "distill_800_800_T20", "distil 784-800-800-10 at T = 20, batch 128"),
+    ("teacher_infer", "teacher_inference_1200_1200", "teacher inference into logits, batch 1024"),
+]
+
+
+def run(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def locked_version(name):
+    try:
+        text = open("Cargo.lock").read()
+    except OSError:
+        return "unknown"
+    m = re.search(r'name = "%s"\nversion = "([^"]+)"' % re.escape(name), text)
+    return m.group(1) if m else "unknown"
+
+
+def stamp(torch_version):
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = run(["git", "rev-parse", "HEAD"])
+    if run(["git", "status", "--porcelain", "--untracked-files=no"]) not in ("", "unknown"):
+        commit += "-dirty"
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "rustc": run(["rustc", "--version"]),
+        "candle": locked_version("candle-core"),
+        "torch": torch_version,
+        "python": platform.python_version(),
+    }
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def main():
+    work, command = sys.argv[1], sys.argv[2]
+    ours_tp = load(os.path.join(work, "ours-throughput.json"))
+    torch_tp = load(os.path.join(work, "torch-throughput.json"))
+    ours_report = load(os.path.join(work, "ours-pipeline", "report.json"))
+    ours_wall = float(open(os.path.join(work, "ours-pipeline-wall.txt")).read())
+    torch_pipe = load(os.path.join(work, "torch-pipeline.json"))
+
+    figures = []
+    for torch_key, ours_key, what in STEPS:
+        ours = ours_tp["examples_per_second"][ours_key]
+        theirs = torch_tp["figures"][torch_key]["examples_per_second"]
+        ours_gemm = ours_tp["step_gemm"][torch_key]
+        torch_gemm = torch_tp["figures"][torch_key]
+        flops = ours_gemm["flops_per_example"]
+        machine = max(ours_gemm["gemm_gflops_median"], torch_gemm["gemm_gflops_median"])
+        figures.append({
+            "name": torch_key,
+            "what": what,
+            "unit": "examples/s",
+            "ours": ours,
+            "pytorch": theirs,
+            "speedup": ours / theirs,
+            "flops_per_example": flops,
+            "gemm_gflops_median": {"candle": ours_gemm["gemm_gflops_median"],
+                                   "torch": torch_gemm["gemm_gflops_median"],
+                                   "machine": machine},
+            "fraction_of_machine_gemm": {"ours": ours * flops / 1e9 / machine,
+                                         "pytorch": theirs * flops / 1e9 / machine},
+        })
+    figures.append({
+        "name": "mnist_pipeline_wall",
+        "what": "whole MNIST pipeline (teacher, baseline, transfer set, student, evaluation), "
+                f"{torch_pipe['epochs']} epochs per model",
+        "unit": "s",
+        "ours": ours_wall,
+        "pytorch": torch_pipe["wall_seconds"],
+        "speedup": torch_pipe["wall_seconds"] / ours_wall,
+    })
+    ours_errors = {m["name"]: m["test_errors"] for m in ours_report["models"]}
+    torch_errors = {name: m["test_errors"] for name, m in torch_pipe["models"].items()}
+    result = {
+        "command": command,
+        "stamp": stamp(torch_tp["torch_version"]),
+        "threads": {"ours": ours_tp["threads"], "pytorch": torch_tp["threads"]},
+        "batch": ours_tp["batch"],
+        "steps": {"ours": ours_tp["steps"], "pytorch": torch_tp["steps"]},
+        "matmul_gflops_2048_candle": ours_tp["matmul_gflops_2048"],
+        "figures": figures,
+        "pipeline_test_errors": {"epochs": torch_pipe["epochs"], "ours": ours_errors,
+                                 "pytorch": torch_errors},
+    }
+    os.makedirs("bench/results", exist_ok=True)
+    with open("bench/results/pytorch-comparison.json", "w") as f:
+        json.dump(result, f, indent=2)
+    body = markdown(result)
+    with open("bench/results/pytorch-comparison.md", "w") as f:
+        f.write("# Ours vs. PyTorch on the same CPU\n\n" + body)
+    update_readme("bench/README.md", "pytorch-comparison", body)
+    print(body)
+
+
+def markdown(r):
+    s = r["stamp"]
+    out = [f"{s['date']} on {s['host']} ({s['cpu']}, {s['cpus']} logical CPUs); commit "
+           f"`{s['commit']}`; {s['rustc']}; candle {s['candle']}; torch {s['torch']}, Python "
+           f"{s['python']}. Threads: ours {r['threads']['ours']}, PyTorch {r['threads']['pytorch']}.",
+           "", f"Command: `{r['command']}`.", "",
+           "| figure | ours | PyTorch | speedup | GEMM rate on the step's shapes, GFLOP/s (candle / torch) "
+           "| fraction of it: ours | PyTorch |",
+           "|---|---|---|---|---|---|---|"]
+    for f in r["figures"]:
+        if f["unit"] == "s":
+            out.append(f"| {f['what']} | {f['ours']:.1f} s | {f['pytorch']:.1f} s | "
+                       f"{f['speedup']:.2f} | | | |")
+        else:
+            g = f["gemm_gflops_median"]
+            fr = f["fraction_of_machine_gemm"]
+            out.append(f"| {f['what']} | {f['ours']:,.0f} ex/s | {f['pytorch']:,.0f} ex/s | "
+                       f"{f['speedup']:.2f} | {g['candle']:.0f} / {g['torch']:.0f} | "
+                       f"{fr['ours']:.0%} | {fr['pytorch']:.0%} |")
+    e = r["pipeline_test_errors"]
+    out += ["", f"Test errors of the pipelines ({e['epochs']} epochs per model):", "",
+            "| model | ours | PyTorch |", "|---|---|---|"]
+    for name in ["teacher-0", "baseline", "student"]:
+        out.append(f"| {name} | {e['ours'].get(name, '–')} | {e['pytorch'].get(name, '–')} |")
+    out.append("")
+    out.append("A speedup above 1 means we are faster. The fraction is the step's useful "
+               "GEMM work (its FLOPs per example × examples/s) over the faster library's GEMM "
+               "rate on the same shapes, measured in the same run.")
+    return "\n".join(out) + "\n"
+
+
+def update_readme(path, name, body):
+    try:
+        text = open(path).read()
+    except OSError:
+        return
+    start_tag, end_tag = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    start = text.find(start_tag)
+    end = text.find(end_tag)
+    if start < 0 or end < 0:
+        return
+    start += len(start_tag)
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n" + body + text[end:])
+
+
+if __name__ == "__main__":
+    main()

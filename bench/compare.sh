@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Ours vs. PyTorch on this machine, in one run, with the same thread count:
+#   bench/compare.sh [--epochs 3] [--threads 2] [--steps 150]
+# Measures training and inference throughput of both (and the GEMM rate on
+# each step's own shapes), then the whole MNIST pipeline (teacher, baseline,
+# transfer set, student; --epochs each) through our cluster and through
+# PyTorch's reference script, and writes bench/results/pytorch-comparison.*
+# and its block of bench/README.md. PyTorch is installed by
+# bench/pytorch_setup.sh into a virtual environment outside the repository.
+# Run it on an otherwise idle machine: never while something compiles.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EPOCHS=3 THREADS=2 STEPS=150
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --epochs) EPOCHS=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+done
+PY=$(bench/pytorch_setup.sh | tail -n1)
+cargo build --release --bin coordinator --bin worker
+cargo bench -p distill --bench train_throughput --no-run
+WORK=target/bench/comparison
+rm -rf "$WORK" && mkdir -p "$WORK"
+DATASETS=${DATASETS_DIR:-$(cd .. && pwd)/shared/datasets}
+
+echo "== throughput: ours"
+RAYON_NUM_THREADS=$THREADS cargo bench -q -p distill --bench train_throughput -- --steps "$STEPS" \
+  > "$WORK/ours-throughput.json"
+echo "== throughput: PyTorch"
+"$PY" bench/pytorch_reference.py throughput --threads "$THREADS" --steps "$STEPS" \
+  --out "$WORK/torch-throughput.json" > /dev/null
+
+echo "== MNIST pipeline: ours ($EPOCHS epochs per model, 2 workers sharing $THREADS threads)"
+sed -e "s#^output_dir = .*#output_dir = \"ours-pipeline\"#" -e "s/^epochs = .*/epochs = $EPOCHS/" \
+  bench/comparison-mnist.toml > "$WORK/cluster.toml"
+started=$(date +%s.%N)
+DATASETS_DIR=$DATASETS target/release/coordinator --config "$WORK/cluster.toml" \
+  --local-workers 2 --local-worker-threads $(( THREADS > 1 ? THREADS / 2 : 1 )) \
+  > "$WORK/ours-pipeline.log" 2>&1
+ended=$(date +%s.%N)
+python3 -c "print($ended - $started)" > "$WORK/ours-pipeline-wall.txt"
+echo "== MNIST pipeline: PyTorch"
+"$PY" bench/pytorch_reference.py pipeline --datasets-dir "$DATASETS" --dataset mnist \
+  --epochs "$EPOCHS" --threads "$THREADS" --seed 1 --teachers 1 --out "$WORK/torch-pipeline.json" \
+  > "$WORK/torch-pipeline.log" 2>&1
+
+python3 bench/compare.py "$WORK" "bench/compare.sh --epochs $EPOCHS --threads $THREADS --steps $STEPS"
