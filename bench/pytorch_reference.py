@@ -860,8 +860,8 @@ def main(argv=None) -> int:
                          "examples in batches of 1024")
     tp.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     tp.add_argument("--jitter", type=int, default=2,
-                    help="teacher_train's jitter in pixels (default 2; 0 matches "
-                         "distill/benches/train_throughput.rs, whose teacher has none)")
+                    help="teacher_train's jitter in pixels (default 2, like the teacher of "
+                         "distill/benches/train_throughput.rs; 0 to leave it out)")
     tp.add_argument("--gemm-repeats", type=int, default=7, help="GEMM timing repeats (default 7)")
     tp.add_argument("--gemm-seconds", type=float, default=0.2,
                     help="minimum seconds per GEMM repeat (default 0.2)")
