@@ -125,7 +125,7 @@ fn paper_table(p: &PaperTable, jobs: &[JobResult]) -> anyhow::Result<Analysis> {
             sizes(first).0,
             sizes(first).1
         ),
-        &["model", "architecture", "seeds", "test errors", "per seed", "validation errors", "train s / model", "paper"],
+        &["model", "architecture", "seeds", "test errors", "per seed", "validation errors", "paper"],
     );
     let mut data = serde_json::Map::new();
     for (label, runs, model, paper) in rows {
@@ -146,7 +146,6 @@ fn paper_table(p: &PaperTable, jobs: &[JobResult]) -> anyhow::Result<Analysis> {
             format_mean_std(&test, 1),
             list(&test),
             format_mean_std(&validation, 1),
-            format!("{:.0}", mean_std(&seconds).0),
             paper,
         ]);
         data.insert(

@@ -52,7 +52,9 @@ pub struct JobSummary {
     pub variant: String,
     /// Seed.
     pub seed: u64,
-    /// The job's wall time in seconds (cached tasks included as found).
+    /// The job's wall time in seconds, for planning budgets only: it is not
+    /// a speed measurement (cached tasks take no time, and other work may
+    /// have shared the machine); speed is `bench/compare.sh`'s job.
     pub wall_seconds: f64,
     /// Models whose training came from the task cache.
     pub cached_models: Vec<String>,
