@@ -64,13 +64,16 @@ fn main() -> anyhow::Result<()> {
         bin_dir,
         work_dir: args.work_dir.clone(),
     };
+    // Read once, before any result is written: writing results modifies
+    // tracked files, which must not make the commit look dirty.
+    let stamp = Stamp::now(Path::new("."));
     for file in &args.experiments {
-        run_experiment(file, &paths, &args)?;
+        run_experiment(file, &paths, &args, &stamp)?;
     }
     Ok(())
 }
 
-fn run_experiment(file: &Path, paths: &Paths, args: &Args) -> anyhow::Result<()> {
+fn run_experiment(file: &Path, paths: &Paths, args: &Args, stamp: &Stamp) -> anyhow::Result<()> {
     let exp = Experiment::load(file)?;
     let variants = exp.variants();
     let total = variants.len() * exp.seeds.len();
@@ -90,7 +93,7 @@ fn run_experiment(file: &Path, paths: &Paths, args: &Args) -> anyhow::Result<()>
                 started.elapsed().as_secs_f64()
             );
             jobs.push((job, seconds));
-            write_results(&exp, file, &jobs, args, n == total)?;
+            write_results(&exp, file, &jobs, args, stamp, n == total)?;
         }
     }
     println!(
@@ -106,6 +109,7 @@ fn write_results(
     file: &Path,
     jobs: &[(JobResult, f64)],
     args: &Args,
+    stamp: &Stamp,
     all_done: bool,
 ) -> anyhow::Result<()> {
     let finished: Vec<JobResult> = jobs.iter().map(|(j, _)| j.clone()).collect();
@@ -139,7 +143,10 @@ fn write_results(
         title: exp.title.clone(),
         command: format!("bench/run.sh {}", file.display()),
         budget: exp.budget.clone(),
-        stamp: Stamp::now(Path::new(".")),
+        stamp: Stamp {
+            date: Stamp::now_date(),
+            ..stamp.clone()
+        },
         tables: analysis.tables,
         notes: analysis.notes,
         plots: analysis.plots,

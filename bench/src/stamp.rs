@@ -36,7 +36,7 @@ impl Stamp {
             host: command_line("hostname", &[], workspace).unwrap_or_else(|| "unknown".into()),
             cpu: cpu_model().unwrap_or_else(|| "unknown".into()),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            date: Stamp::now_date(),
             commit: commit(workspace),
             version: env!("CARGO_PKG_VERSION").into(),
             rustc: command_line("rustc", &["--version"], workspace)
@@ -44,6 +44,11 @@ impl Stamp {
             candle: locked_version(&lock, "candle-core"),
             tonic: locked_version(&lock, "tonic"),
         }
+    }
+
+    /// The current UTC date and time, as stamps write it.
+    pub fn now_date() -> String {
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()
     }
 
     /// One line for the top of a Markdown result.
