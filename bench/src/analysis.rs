@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use distill::task::{BIAS_SHIFT_STEP, MAX_BIAS_SHIFT};
 use serde_json::json;
 
 use crate::experiment::{Experiment, Kind, MissingClasses, PaperTable, TemperatureSweep};
@@ -371,17 +372,11 @@ fn missing_classes(m: &MissingClasses, jobs: &[JobResult]) -> anyhow::Result<Ana
         tables: vec![table],
         notes: vec![format!(
             "The shift chosen on validation is the one in [-{}, {}] (steps of {}) with the fewest errors on the {} validation examples, which do contain the missing classes.",
-            distill_max_shift(), distill_max_shift(), 0.1, sizes(first).1
+            MAX_BIAS_SHIFT, MAX_BIAS_SHIFT, BIAS_SHIFT_STEP, sizes(first).1
         )],
         plots: vec![],
         data: json!(data),
     })
-}
-
-/// The search range of the validation-chosen shift (see the coordinator's
-/// `student.bias_adjustment`).
-fn distill_max_shift() -> f64 {
-    15.0
 }
 
 fn regulariser(

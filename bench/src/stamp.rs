@@ -31,7 +31,8 @@ pub struct Stamp {
 impl Stamp {
     /// Reads the stamp now; `workspace` is the repository root.
     pub fn now(workspace: &Path) -> Stamp {
-        let lock = std::fs::read_to_string(workspace.join("Cargo.lock")).unwrap_or_default();
+        let lock =
+            parse_lock(&std::fs::read_to_string(workspace.join("Cargo.lock")).unwrap_or_default());
         Stamp {
             host: command_line("hostname", &[], workspace).unwrap_or_else(|| "unknown".into()),
             cpu: cpu_model().unwrap_or_else(|| "unknown".into()),
@@ -103,14 +104,14 @@ fn cpu_model() -> Option<String> {
         .map(|(_, v)| v.trim().to_string())
 }
 
-/// The version of package `name` in a Cargo.lock's text.
-fn locked_version(lock: &str, name: &str) -> String {
-    let parsed: toml::Table = match toml::from_str(lock) {
-        Ok(t) => t,
-        Err(_) => return "unknown".into(),
-    };
-    parsed
-        .get("package")
+/// A Cargo.lock's text as TOML (empty when it does not parse).
+fn parse_lock(text: &str) -> toml::Table {
+    toml::from_str(text).unwrap_or_default()
+}
+
+/// The version of package `name` in a parsed Cargo.lock.
+fn locked_version(lock: &toml::Table, name: &str) -> String {
+    lock.get("package")
         .and_then(|p| p.as_array())
         .and_then(|packages| {
             packages
@@ -131,7 +132,8 @@ mod tests {
     fn finds_a_locked_version() {
         let lock = "version = 4\n[[package]]\nname = \"a\"\nversion = \"1.2.3\"\n\
                     [[package]]\nname = \"tonic\"\nversion = \"0.14.2\"\n";
-        assert_eq!(locked_version(lock, "tonic"), "0.14.2");
-        assert_eq!(locked_version(lock, "candle-core"), "unknown");
+        let lock = parse_lock(lock);
+        assert_eq!(locked_version(&lock, "tonic"), "0.14.2");
+        assert_eq!(locked_version(&lock, "candle-core"), "unknown");
     }
 }
