@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod fused;
 pub mod hparams;
 pub mod loss;
 pub mod model;

@@ -192,7 +192,7 @@ impl Mlp {
     }
 
     /// Logits with dropout: `masks[i]`, when present, multiplies the input
-    /// of layer `i` (see [`sample_dropout_masks`]).
+    /// of layer `i` (see [`DropoutMasks`]).
     pub fn forward_with_masks(&self, x: &Tensor, masks: &[Option<Tensor>]) -> Result<Tensor> {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
@@ -223,31 +223,40 @@ impl Mlp {
     }
 }
 
-/// Inverted-dropout masks for one batch: entry `i` multiplies the input of
-/// layer `i`; kept units are scaled by `1 / (1 - p)` so that no rescaling is
-/// needed at test time. `None` where the probability is zero.
-pub fn sample_dropout_masks<R: Rng>(
-    spec: &MlpSpec,
-    batch: usize,
-    dropout: Dropout,
-    rng: &mut R,
-    device: &Device,
-) -> Result<Vec<Option<Tensor>>> {
-    let widths = std::iter::once(spec.input_dim).chain(spec.hidden.iter().copied());
-    widths
-        .enumerate()
-        .map(|(i, width)| {
+/// Inverted-dropout masks for one batch, on the host: entry `i` multiplies
+/// the input of layer `i`; kept units are scaled by `keep = 1 / (1 - p)` so
+/// that no rescaling is needed at test time. `None` where the probability
+/// is zero. Both training paths use the same masks, drawn in the same order.
+#[derive(Clone, Debug, Default)]
+pub struct DropoutMasks {
+    masks: Vec<Option<Vec<f32>>>,
+    keeps: Vec<f32>,
+    widths: Vec<usize>,
+    rows: usize,
+}
+
+impl DropoutMasks {
+    /// Draws the masks of a batch of `rows` examples for `spec`.
+    pub fn sample<R: Rng>(spec: &MlpSpec, rows: usize, dropout: Dropout, rng: &mut R) -> Self {
+        let widths: Vec<usize> = std::iter::once(spec.input_dim)
+            .chain(spec.hidden.iter().copied())
+            .collect();
+        let mut masks = Vec::with_capacity(widths.len());
+        let mut keeps = Vec::with_capacity(widths.len());
+        for (i, &width) in widths.iter().enumerate() {
             let p = if i == 0 {
                 dropout.input
             } else {
                 dropout.hidden
             };
             if p <= 0.0 {
-                return Ok(None);
+                masks.push(None);
+                keeps.push(1.0);
+                continue;
             }
             let keep = (1.0 / (1.0 - p)) as f32;
             let threshold = (p * 4_294_967_296.0) as u64;
-            let mask: Vec<f32> = (0..batch * width)
+            let mask: Vec<f32> = (0..rows * width)
                 .map(|_| {
                     if u64::from(rng.random::<u32>()) < threshold {
                         0.0
@@ -256,9 +265,40 @@ pub fn sample_dropout_masks<R: Rng>(
                     }
                 })
                 .collect();
-            Ok(Some(Tensor::from_vec(mask, (batch, width), device)?))
-        })
-        .collect()
+            masks.push(Some(mask));
+            keeps.push(keep);
+        }
+        DropoutMasks {
+            masks,
+            keeps,
+            widths,
+            rows,
+        }
+    }
+
+    /// The mask of layer `layer`'s input (`rows x width`), if it has one.
+    pub fn mask(&self, layer: usize) -> Option<&[f32]> {
+        self.masks.get(layer).and_then(|m| m.as_deref())
+    }
+
+    /// The value of a kept unit in layer `layer`'s mask (1 without one).
+    pub fn keep(&self, layer: usize) -> f32 {
+        self.keeps.get(layer).copied().unwrap_or(1.0)
+    }
+
+    /// The masks as tensors on `device`, for [`Mlp::forward_with_masks`].
+    pub fn to_tensors(&self, device: &Device) -> Result<Vec<Option<Tensor>>> {
+        self.masks
+            .iter()
+            .zip(&self.widths)
+            .map(|(mask, &width)| {
+                mask.as_ref()
+                    .map(|m| Tensor::from_slice(m, (self.rows, width), device))
+                    .transpose()
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -339,14 +379,9 @@ mod tests {
             input: 0.2,
             hidden: 0.5,
         };
-        let masks = sample_dropout_masks(
-            &spec,
-            10,
-            drop,
-            &mut seed::rng(1, Stream::Dropout),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let masks = DropoutMasks::sample(&spec, 10, drop, &mut seed::rng(1, Stream::Dropout))
+            .to_tensors(&Device::Cpu)
+            .unwrap();
         for (mask, p) in masks.iter().zip([0.2, 0.5]) {
             let v = mask
                 .as_ref()
@@ -360,13 +395,13 @@ mod tests {
             let keep = (1.0 / (1.0 - p)) as f32;
             assert!(v.iter().all(|&x| x == 0.0 || x == keep));
         }
-        let none = sample_dropout_masks(
+        let none = DropoutMasks::sample(
             &spec,
             2,
             Dropout::default(),
             &mut seed::rng(1, Stream::Dropout),
-            &Device::Cpu,
         )
+        .to_tensors(&Device::Cpu)
         .unwrap();
         assert!(none.iter().all(Option::is_none));
     }
