@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 use common::dataset::Dataset;
 use serde::{Deserialize, Serialize};
 
+use crate::fused::CpuForward;
 use crate::model::Mlp;
 use crate::Result;
 
@@ -79,6 +80,9 @@ fn for_each_batch(
 
 /// The model's logits for every example, row-major `[len, classes]`.
 pub fn predict_logits(model: &Mlp, data: &Dataset, device: &Device) -> Result<Vec<f32>> {
+    if device.is_cpu() {
+        return Ok(CpuForward::new(model)?.logits(data.features()));
+    }
     let mut out = Vec::with_capacity(data.len() * model.spec().num_classes);
     for_each_batch(data, device, |_, x| {
         out.extend(model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
@@ -87,7 +91,6 @@ pub fn predict_logits(model: &Mlp, data: &Dataset, device: &Device) -> Result<Ve
     Ok(out)
 }
 
-/// The arg-max class of each row of `[rows, classes]` logits.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits
         .argmax(D::Minus1)?
@@ -114,11 +117,16 @@ pub fn argmax_rows_host(scores: &[f32], classes: usize) -> Vec<u32> {
 
 /// Evaluates `model` on `data`.
 pub fn evaluate(model: &Mlp, data: &Dataset, device: &Device) -> Result<Evaluation> {
-    let mut predicted = Vec::with_capacity(data.len());
-    for_each_batch(data, device, |_, x| {
-        predicted.extend(argmax_rows(&model.forward(x)?)?);
-        Ok(())
-    })?;
+    let predicted = if device.is_cpu() {
+        argmax_rows_host(&predict_logits(model, data, device)?, data.num_classes())
+    } else {
+        let mut predicted = Vec::with_capacity(data.len());
+        for_each_batch(data, device, |_, x| {
+            predicted.extend(argmax_rows(&model.forward(x)?)?);
+            Ok(())
+        })?;
+        predicted
+    };
     Ok(Evaluation::from_predictions(
         data.labels(),
         &predicted,

@@ -238,41 +238,45 @@ pub struct DropoutMasks {
 impl DropoutMasks {
     /// Draws the masks of a batch of `rows` examples for `spec`.
     pub fn sample<R: Rng>(spec: &MlpSpec, rows: usize, dropout: Dropout, rng: &mut R) -> Self {
-        let widths: Vec<usize> = std::iter::once(spec.input_dim)
-            .chain(spec.hidden.iter().copied())
-            .collect();
-        let mut masks = Vec::with_capacity(widths.len());
-        let mut keeps = Vec::with_capacity(widths.len());
-        for (i, &width) in widths.iter().enumerate() {
+        let mut masks = DropoutMasks::default();
+        masks.resample(spec, rows, dropout, rng);
+        masks
+    }
+
+    /// Draws new masks in place, reusing the buffers (a training step
+    /// draws hundreds of thousands of values; allocating them anew each
+    /// step costs page faults). The random words are drawn in bulk and
+    /// turned into mask values in a loop that vectorizes.
+    pub fn resample<R: Rng>(&mut self, spec: &MlpSpec, rows: usize, dropout: Dropout, rng: &mut R) {
+        let layers = 1 + spec.hidden.len();
+        self.widths.clear();
+        self.widths.push(spec.input_dim);
+        self.widths.extend(&spec.hidden);
+        self.masks.resize(layers, None);
+        self.keeps.clear();
+        self.rows = rows;
+        let mut words = Vec::new();
+        for (i, &width) in self.widths.iter().enumerate() {
             let p = if i == 0 {
                 dropout.input
             } else {
                 dropout.hidden
             };
             if p <= 0.0 {
-                masks.push(None);
-                keeps.push(1.0);
+                self.masks[i] = None;
+                self.keeps.push(1.0);
                 continue;
             }
             let keep = (1.0 / (1.0 - p)) as f32;
             let threshold = (p * 4_294_967_296.0) as u64;
-            let mask: Vec<f32> = (0..rows * width)
-                .map(|_| {
-                    if u64::from(rng.random::<u32>()) < threshold {
-                        0.0
-                    } else {
-                        keep
-                    }
-                })
-                .collect();
-            masks.push(Some(mask));
-            keeps.push(keep);
-        }
-        DropoutMasks {
-            masks,
-            keeps,
-            widths,
-            rows,
+            words.resize(rows * width, 0u32);
+            rng.fill(&mut words[..]);
+            let mask = self.masks[i].get_or_insert_with(Vec::new);
+            mask.resize(rows * width, 0.0);
+            for (m, &w) in mask.iter_mut().zip(&words) {
+                *m = if u64::from(w) < threshold { 0.0 } else { keep };
+            }
+            self.keeps.push(keep);
         }
     }
 

@@ -1,5 +1,5 @@
 //! Teacher inference into a transfer set: every teacher's logits for every
-//! transfer example, written shard by shard.
+//! transfer example, written shard by shard (writing overlaps computing).
 
 use std::path::Path;
 
@@ -31,14 +31,35 @@ pub fn write_transfer_set(
         data.num_classes(),
         ids,
     )?;
-    for range in chunk_ranges(data.len(), rows_per_shard)? {
-        let part = data.slice(range)?;
-        let logits = teachers
-            .iter()
-            .map(|(_, t)| predict_logits(t, &part, device))
-            .collect::<Result<Vec<_>>>()?;
-        let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-        writer.write_shard(&views)?;
-    }
-    Ok(writer.finish()?)
+    // The writer thread encodes, checksums and writes shard k while the
+    // teachers compute shard k + 1, so the disk never shows in the time.
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<f32>>>(1);
+    std::thread::scope(|scope| {
+        let writing = scope.spawn(move || -> Result<Manifest> {
+            for logits in receive {
+                let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
+                writer.write_shard(&views)?;
+            }
+            Ok(writer.finish()?)
+        });
+        let computed = (|| -> Result<()> {
+            for range in chunk_ranges(data.len(), rows_per_shard)? {
+                let part = data.slice(range)?;
+                let logits = teachers
+                    .iter()
+                    .map(|(_, t)| predict_logits(t, &part, device))
+                    .collect::<Result<Vec<_>>>()?;
+                if send.send(logits).is_err() {
+                    // The writer stopped on an error; it reports it below.
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let written = writing.join().expect("the shard writer panicked");
+        // A compute error comes first: the writer then only saw fewer shards.
+        computed?;
+        written
+    })
 }

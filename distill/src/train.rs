@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use common::dataset::Dataset;
 use common::seed::{self, ChaCha8Rng, Stream};
-use common::transfer::TransferSet;
+use common::transfer::{Shard, TransferSet};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -261,6 +261,7 @@ pub(crate) fn train_on_path(
         device,
         dropout_rng: seed::rng(cfg.seed, Stream::Dropout),
         jitter_rng: seed::rng(cfg.seed, Stream::Jitter),
+        masks: DropoutMasks::default(),
         image_shape: train.image_shape(),
         step: 0,
         loss_sum: 0.0,
@@ -300,9 +301,7 @@ pub(crate) fn train_on_path(
             Targets::Transfer { set, distill, .. } => {
                 let mut shard_order: Vec<usize> = (0..set.num_shards()).collect();
                 shard_order.shuffle(&mut shuffle_rng);
-                for s in shard_order {
-                    let shard = set.read_shard(s)?;
-                    let soft = shard.soft_targets(distill.temperature, distill.combine)?;
+                for_each_prefetched_shard(set, distill, &shard_order, |shard, soft| {
                     let mut rows: Vec<usize> = (0..shard.rows)
                         .filter(|&r| targets.keeps(shard.start + r))
                         .collect();
@@ -312,11 +311,12 @@ pub(crate) fn train_on_path(
                         step.run(gather(
                             train,
                             &indices,
-                            Some((&soft, chunk, shard.num_classes)),
+                            Some((soft, chunk, shard.num_classes)),
                         ))?;
                         after_step(&step, chunk.len())?;
                     }
-                }
+                    Ok(())
+                })?;
             }
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -367,6 +367,41 @@ enum Engine {
     Autograd(SgdMomentum),
 }
 
+/// Calls `f` with each shard of `order` and its soft targets, reading and
+/// decoding the next shard on another thread while `f` trains on the
+/// current one. At most two shards are in memory at once, however large the
+/// transfer set.
+fn for_each_prefetched_shard(
+    set: &TransferSet,
+    distill: &DistillConfig,
+    order: &[usize],
+    mut f: impl FnMut(&Shard, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let (send, receive) = std::sync::mpsc::sync_channel::<Result<(Shard, Vec<f32>)>>(0);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for &s in order {
+                let loaded = set.read_shard(s).map_err(Error::from).and_then(|shard| {
+                    let soft = shard.soft_targets(distill.temperature, distill.combine)?;
+                    Ok((shard, soft))
+                });
+                let failed = loaded.is_err();
+                if send.send(loaded).is_err() || failed {
+                    // Training stopped early, or this shard is bad: the
+                    // receiving side has the error.
+                    return;
+                }
+            }
+        });
+        // Dropping the receiver on an early return unblocks the reader.
+        for loaded in receive {
+            let (shard, soft) = loaded?;
+            f(&shard, &soft)?;
+        }
+        Ok(())
+    })
+}
+
 /// The state that one optimisation step needs.
 struct Stepper<'a> {
     model: &'a Mlp,
@@ -377,6 +412,8 @@ struct Stepper<'a> {
     device: &'a Device,
     dropout_rng: ChaCha8Rng,
     jitter_rng: ChaCha8Rng,
+    /// This step's dropout masks (buffers reused from step to step).
+    masks: DropoutMasks,
     image_shape: Option<(usize, usize)>,
     step: usize,
     loss_sum: f64,
@@ -400,7 +437,8 @@ impl Stepper<'_> {
             input: self.cfg.input_dropout,
             hidden: self.cfg.hidden_dropout,
         };
-        let masks = DropoutMasks::sample(spec, rows, dropout, &mut self.dropout_rng);
+        let masks = &mut self.masks;
+        masks.resample(spec, rows, dropout, &mut self.dropout_rng);
         self.lr = self.schedule.lr(self.step);
         let entropy = match (self.targets, &batch.soft) {
             (Targets::Transfer { distill, .. }, Some(soft)) => {
@@ -419,10 +457,10 @@ impl Stepper<'_> {
                     },
                     _ => LossTargets::Labels(&batch.labels),
                 };
-                trainer.step(&batch.inputs, rows, &masks, targets, self.lr)
+                trainer.step(&batch.inputs, rows, masks, targets, self.lr)
             }
             Engine::Autograd(optimizer) => {
-                let loss = autograd_loss(self.model, &batch, &masks, self.targets, self.device)?;
+                let loss = autograd_loss(self.model, &batch, masks, self.targets, self.device)?;
                 optimizer.step(&loss.backward()?, self.lr)?;
                 if let Some(c) = self.cfg.max_norm {
                     self.model.apply_max_norm(c)?;
@@ -588,9 +626,12 @@ mod tests {
         };
         let device = Device::Cpu;
         let errors = [StepPath::Fused, StepPath::Autograd].map(|path| {
-            let model =
-                Mlp::new_random(spec.clone(), &mut seed::rng(cfg.seed, Stream::Init), &device)
-                    .unwrap();
+            let model = Mlp::new_random(
+                spec.clone(),
+                &mut seed::rng(cfg.seed, Stream::Init),
+                &device,
+            )
+            .unwrap();
             let mut observer = EpochCallback(|_: &EpochStats| {});
             train_on_path(
                 &model,
