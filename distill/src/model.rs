@@ -280,7 +280,9 @@ impl DropoutMasks {
         }
     }
 
-    /// The mask of layer `layer`'s input (`rows x width`), if it has one.
+    /// The mask of layer `layer`'s input, if it has one, stored
+    /// feature-major (`width x rows`: one row per unit, one column per
+    /// example), the layout of the fused trainer's activations.
     pub fn mask(&self, layer: usize) -> Option<&[f32]> {
         self.masks.get(layer).and_then(|m| m.as_deref())
     }
@@ -290,14 +292,19 @@ impl DropoutMasks {
         self.keeps.get(layer).copied().unwrap_or(1.0)
     }
 
-    /// The masks as tensors on `device`, for [`Mlp::forward_with_masks`].
+    /// The masks as tensors on `device`, for [`Mlp::forward_with_masks`]
+    /// (`rows x width` each).
     pub fn to_tensors(&self, device: &Device) -> Result<Vec<Option<Tensor>>> {
         self.masks
             .iter()
             .zip(&self.widths)
             .map(|(mask, &width)| {
                 mask.as_ref()
-                    .map(|m| Tensor::from_slice(m, (self.rows, width), device))
+                    .map(|m| {
+                        Tensor::from_slice(m, (width, self.rows), device)?
+                            .t()?
+                            .contiguous()
+                    })
                     .transpose()
                     .map_err(Into::into)
             })

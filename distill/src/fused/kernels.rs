@@ -49,12 +49,62 @@ pub fn bias_relu_mask(z: &mut [f32], bias: &[f32], relu: bool, mask: Option<&[f3
     });
 }
 
-/// `x *= mask`, element by element.
-pub fn apply_mask(x: &mut [f32], mask: &[f32]) {
-    assert_eq!(x.len(), mask.len());
-    for_row_blocks(x, 1, |first, block| {
-        let m = &mask[first..first + block.len()];
-        block.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+/// Feature-major `z` (`bias.len()` rows of `batch` values, one row per
+/// unit): `z = relu(z + bias[unit]) * mask`, with the ReLU only when `relu`
+/// and the (dropout) mask, laid out like `z`, only when given.
+pub fn bias_relu_mask_by_unit(
+    z: &mut [f32],
+    batch: usize,
+    bias: &[f32],
+    relu: bool,
+    mask: Option<&[f32]>,
+) {
+    assert_eq!(z.len(), batch * bias.len());
+    for_row_blocks(z, batch, |first, block| {
+        for (u, row) in block.chunks_exact_mut(batch).enumerate() {
+            let b = bias[first + u];
+            row.iter_mut().for_each(|v| *v += b);
+            if relu {
+                row.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            if let Some(mask) = mask {
+                let m = &mask[(first + u) * batch..(first + u + 1) * batch];
+                row.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+            }
+        }
+    });
+}
+
+/// `out[r] = Σ_c values[r, c]` for the `width`-wide rows of `values`.
+pub fn row_sums(values: &[f32], width: usize, out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(values.chunks_exact(width)) {
+        *o = row.iter().sum();
+    }
+}
+
+/// Writes the transpose of the row-major `rows x cols` matrix `src`,
+/// multiplied element-wise by `mask` (laid out like the result) when given,
+/// into `dst` (`cols x rows`).
+pub fn transpose_masked(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    mask: Option<&[f32]>,
+    dst: &mut [f32],
+) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let dst = &mut dst[..rows * cols];
+    for_row_blocks(dst, rows, |first, block| {
+        for (c, out) in block.chunks_exact_mut(rows).enumerate() {
+            let c = first + c;
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = src[r * cols + c];
+            }
+            if let Some(mask) = mask {
+                let m = &mask[c * rows..(c + 1) * rows];
+                out.iter_mut().zip(m).for_each(|(o, m)| *o *= m);
+            }
+        }
     });
 }
 
@@ -70,14 +120,6 @@ pub fn relu_mask_backward(grad: &mut [f32], activation: &[f32], keep: f32) {
             .zip(a)
             .for_each(|(g, &a)| *g = if a > 0.0 { *g * keep } else { 0.0 });
     });
-}
-
-/// `out[j] = Σ_r grad[r, j]` for the `out.len()`-wide rows of `grad`.
-pub fn column_sums(grad: &[f32], out: &mut [f32]) {
-    out.fill(0.0);
-    for row in grad.chunks_exact(out.len()) {
-        out.iter_mut().zip(row).for_each(|(o, g)| *o += g);
-    }
 }
 
 /// One SGD-with-momentum update (PyTorch's rule, see [`crate::optim`]).
@@ -283,13 +325,23 @@ mod tests {
 
     #[test]
     fn large_inputs_split_over_threads_give_the_serial_answer() {
-        let n = PARALLEL_MIN * 3 + 17;
-        let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
-        let mask: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
-        let mut got = x.clone();
-        apply_mask(&mut got, &mask);
-        let want: Vec<f32> = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
-        assert_eq!(got, want);
+        let (rows, cols) = (130, PARALLEL_MIN / 50);
+        let x: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mask: Vec<f32> = (0..rows * cols).map(|i| (i % 3) as f32).collect();
+        let mut got = vec![0.0; rows * cols];
+        transpose_masked(&x, rows, cols, Some(&mask), &mut got);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(got[c * rows + r], x[r * cols + c] * mask[c * rows + r]);
+            }
+        }
+        let mut z = got.clone();
+        let bias: Vec<f32> = (0..cols).map(|c| c as f32 - 100.0).collect();
+        bias_relu_mask_by_unit(&mut z, rows, &bias, true, Some(&mask));
+        for (i, (&v, &before)) in z.iter().zip(&got).enumerate() {
+            let (unit, m) = (i / rows, mask[i]);
+            assert_eq!(v, (before + bias[unit]).max(0.0) * m);
+        }
     }
 
     #[test]
