@@ -185,6 +185,12 @@ fn update_row(w: &mut [f32], v: &mut [f32], g: &[f32], update: SgdUpdate) {
     let step = |w: &mut f32, v: &mut f32, g: f32| {
         let g = g + *w * weight_decay;
         *v = *v * momentum + g;
+        // A unit that gets no gradient (a dead ReLU) has its velocity decay
+        // by `momentum` every step, into subnormal numbers after about 800
+        // steps, which would slow this loop down many times over.
+        if v.abs() < GRADIENT_FLUSH {
+            *v = 0.0;
+        }
         let direction = if nesterov { g + *v * momentum } else { *v };
         *w -= direction * lr;
         *w * *w
@@ -234,10 +240,20 @@ pub enum LossTargets<'a> {
     },
 }
 
+/// Gradient entries smaller than this in magnitude are set to zero. A
+/// confident prediction's probabilities for the wrong classes underflow
+/// towards subnormal floats; multiplied through the backward pass they make
+/// subnormal operands, which x86 processors handle about a hundred times
+/// slower, and the training step slows down as the model gets confident.
+/// Such entries change no weight: an update of lr x 1e-30 is lost against
+/// any float32 weight larger than 1e-23.
+pub const GRADIENT_FLUSH: f32 = 1e-30;
+
 /// The batch-mean loss of `logits` (`rows x classes`), and its gradient
 /// with respect to the logits written into `grad`, in one pass per row:
 /// the gradient of T² CE(p, softmax(z/T)) is T (softmax(z/T) - p), that of
-/// CE(y, softmax(z)) is softmax(z) - onehot(y), each divided by the rows.
+/// CE(y, softmax(z)) is softmax(z) - onehot(y), each divided by the rows;
+/// entries below [`GRADIENT_FLUSH`] in magnitude are set to zero.
 pub fn loss_and_grad(
     logits: &[f32],
     grad: &mut [f32],
@@ -285,6 +301,9 @@ pub fn loss_and_grad(
             }
         }
     }
+    grad.iter_mut()
+        .filter(|g| g.abs() < GRADIENT_FLUSH)
+        .for_each(|g| *g = 0.0);
     total * inv_rows
 }
 
