@@ -264,7 +264,7 @@ pub(crate) fn train_on_path(
         masks: DropoutMasks::default(),
         image_shape: train.image_shape(),
         step: 0,
-        loss_sum: 0.0,
+        loss: LossMeter::default(),
         lr: 0.0,
     };
     let mut shuffle_rng = seed::rng(cfg.seed, Stream::Shuffle);
@@ -275,16 +275,15 @@ pub(crate) fn train_on_path(
     let mut best: Option<(usize, Vec<Tensor>)> = None;
     for epoch in 1..=cfg.epochs {
         let started = Instant::now();
-        let steps_before = step.step;
         let mut examples_seen = 0usize;
-        step.loss_sum = 0.0;
+        step.loss.reset();
         let mut after_step = |step: &Stepper<'_>, rows: usize| {
             examples_seen += rows;
             observer.on_step(&StepProgress {
                 epoch,
                 epochs: cfg.epochs,
                 step: step.step,
-                mean_loss: step.loss_sum / (step.step - steps_before).max(1) as f64,
+                mean_loss: step.loss.mean(),
                 examples_per_second: examples_seen as f64
                     / started.elapsed().as_secs_f64().max(1e-9),
             })
@@ -319,12 +318,13 @@ pub(crate) fn train_on_path(
                 })?;
             }
         }
+        step.loss.read()?;
         let seconds = started.elapsed().as_secs_f64();
         step.write_back()?;
         let validation_errors = evaluate(model, validation, device)?.errors;
         let stats = EpochStats {
             epoch,
-            mean_loss: step.loss_sum / (step.step - steps_before).max(1) as f64,
+            mean_loss: step.loss.mean(),
             validation_errors,
             learning_rate: step.lr,
             seconds,
@@ -402,6 +402,66 @@ fn for_each_prefetched_shard(
     })
 }
 
+/// The running mean of an epoch's training loss. The autograd path leaves
+/// its losses on the device and reads their sum every [`LOSS_READ_STEPS`]
+/// steps, so that a GPU never waits for the host between steps.
+#[derive(Debug, Default)]
+struct LossMeter {
+    sum: f64,
+    steps: usize,
+    /// Sum of the losses not read yet, on the device.
+    unread: Option<Tensor>,
+    unread_steps: usize,
+    /// What to subtract from the unread sum (see [`EpochStats::mean_loss`]).
+    unread_offset: f64,
+}
+
+/// Steps between two reads of the losses kept on the device.
+const LOSS_READ_STEPS: usize = 50;
+
+impl LossMeter {
+    fn reset(&mut self) {
+        *self = LossMeter::default();
+    }
+
+    /// Counts a loss computed on the host.
+    fn add(&mut self, loss: f64) {
+        self.sum += loss;
+        self.steps += 1;
+    }
+
+    /// Counts a loss that is still on the device, less `offset`.
+    fn add_on_device(&mut self, loss: &Tensor, offset: f64) -> Result<()> {
+        let loss = loss.detach();
+        self.unread = Some(match self.unread.take() {
+            Some(sum) => (sum + loss)?,
+            None => loss,
+        });
+        self.unread_steps += 1;
+        self.unread_offset += offset;
+        if self.unread_steps >= LOSS_READ_STEPS {
+            self.read()?;
+        }
+        Ok(())
+    }
+
+    /// Brings the losses kept on the device into the mean.
+    fn read(&mut self) -> Result<()> {
+        if let Some(sum) = self.unread.take() {
+            self.sum += f64::from(sum.to_scalar::<f32>()?) - self.unread_offset;
+            self.steps += self.unread_steps;
+            self.unread_steps = 0;
+            self.unread_offset = 0.0;
+        }
+        Ok(())
+    }
+
+    /// The mean of the losses read so far (0 before the first).
+    fn mean(&self) -> f64 {
+        self.sum / self.steps.max(1) as f64
+    }
+}
+
 /// The state that one optimisation step needs.
 struct Stepper<'a> {
     model: &'a Mlp,
@@ -416,7 +476,7 @@ struct Stepper<'a> {
     masks: DropoutMasks,
     image_shape: Option<(usize, usize)>,
     step: usize,
-    loss_sum: f64,
+    loss: LossMeter,
     lr: f64,
 }
 
@@ -446,7 +506,7 @@ impl Stepper<'_> {
             }
             _ => 0.0,
         };
-        let loss = match &mut self.engine {
+        match &mut self.engine {
             Engine::Fused(trainer) => {
                 let targets = match (self.targets, &batch.soft) {
                     (Targets::Transfer { distill, .. }, Some(soft)) => LossTargets::Distill {
@@ -457,7 +517,8 @@ impl Stepper<'_> {
                     },
                     _ => LossTargets::Labels(&batch.labels),
                 };
-                trainer.step(&batch.inputs, rows, masks, targets, self.lr)
+                let loss = trainer.step(&batch.inputs, rows, masks, targets, self.lr);
+                self.loss.add(loss - entropy);
             }
             Engine::Autograd(optimizer) => {
                 let loss = autograd_loss(self.model, &batch, masks, self.targets, self.device)?;
@@ -465,10 +526,9 @@ impl Stepper<'_> {
                 if let Some(c) = self.cfg.max_norm {
                     self.model.apply_max_norm(c)?;
                 }
-                f64::from(loss.to_scalar::<f32>()?)
+                self.loss.add_on_device(&loss, entropy)?;
             }
-        };
-        self.loss_sum += loss - entropy;
+        }
         self.step += 1;
         Ok(())
     }
@@ -633,7 +693,7 @@ mod tests {
             )
             .unwrap();
             let mut observer = EpochCallback(|_: &EpochStats| {});
-            train_on_path(
+            let report = train_on_path(
                 &model,
                 &train_set,
                 &test,
@@ -644,8 +704,19 @@ mod tests {
                 path,
             )
             .unwrap();
-            evaluate(&model, &test, &device).unwrap().errors
+            (
+                evaluate(&model, &test, &device).unwrap().errors,
+                report.epochs[0].mean_loss,
+            )
         });
+        // The autograd path reads its losses from the device in batches;
+        // the epoch's mean must come out the same.
+        let (loss_fused, loss_autograd) = (errors[0].1, errors[1].1);
+        assert!(
+            (loss_fused - loss_autograd).abs() <= 1e-4 * loss_autograd,
+            "first epoch's mean loss: fused {loss_fused} vs autograd {loss_autograd}"
+        );
+        let errors = errors.map(|(e, _)| e);
         assert!(
             errors[0].abs_diff(errors[1]) <= 2,
             "fused {} vs autograd {} test errors",
