@@ -127,6 +127,7 @@ def main():
         "steps": {"ours": ours_tp["steps"], "pytorch": torch_tp["steps"]},
         "matmul_gflops_2048_candle": ours_tp["matmul_gflops_2048"],
         "figures": figures,
+        "distill_shard_wait": ours_tp.get("distill_shard_wait"),
         "pipeline_test_errors": {"epochs": torch_pipe["epochs"], "ours": ours_errors,
                                  "pytorch": torch_errors},
     }
@@ -164,6 +165,11 @@ def markdown(r):
             "| model | ours | PyTorch |", "|---|---|---|"]
     for name in ["teacher-0", "baseline", "student"]:
         out.append(f"| {name} | {e['ours'].get(name, '–')} | {e['pytorch'].get(name, '–')} |")
+    w = r.get("distill_shard_wait")
+    if w:
+        out += ["", f"The distillation step reads its transfer set from disk ({w['shards']} shards), "
+                f"the next shard on another thread while it trains: it waited {w['seconds'] * 1000:.0f} ms "
+                f"for shards in its {w['epoch_seconds']:.1f} s epoch, the first shard included."]
     out.append("")
     out.append("A speedup above 1 means we are faster. The fraction is the step's useful "
                "GEMM work (its FLOPs per example × examples/s) over the faster library's GEMM "

@@ -21,7 +21,7 @@ use common::transfer::TransferSet;
 use distill::hparams::{DistillConfig, EpochSelection, TrainConfig};
 use distill::model::{Mlp, MlpSpec};
 use distill::teacher::write_transfer_set;
-use distill::train::{train, Targets};
+use distill::train::{train, EpochStats, Targets};
 use rand::Rng;
 
 #[global_allocator]
@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let t = Mlp::new_random(large.clone(), &mut seed::rng(9, Stream::Init), &device)?;
     let started = Instant::now();
-    write_transfer_set(&[("t", &t)], &data, dir.path(), 10_000, &device)?;
+    write_transfer_set(&[("t", &t)], &data, dir.path(), 2_000, &device)?;
     let inference = data.len() as f64 / started.elapsed().as_secs_f64();
     let set = TransferSet::open(dir.path())?;
     let distill_cfg = DistillConfig::default();
@@ -90,8 +90,8 @@ fn main() -> anyhow::Result<()> {
         distill: &distill_cfg,
         keep: None,
     };
-    let distill_step =
-        examples_per_second(&small, &data, &validation, targets, &plain_cfg, &device)?;
+    let distill_epoch = one_epoch(&small, &data, &validation, targets, &plain_cfg, &device)?;
+    let distill_step = distill_epoch.examples_per_second;
 
     let gemm = serde_json::json!({
         "teacher_train": step_gemm_rate(&large, BATCH, true, &device)?,
@@ -105,6 +105,13 @@ fn main() -> anyhow::Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "matmul_gflops_2048": gflops,
         "step_gemm": gemm,
+        // The distillation step reads its transfer set from disk, the next
+        // shard on another thread: how long training waited for shards.
+        "distill_shard_wait": {
+            "seconds": distill_epoch.shard_wait_seconds,
+            "epoch_seconds": distill_epoch.seconds,
+            "shards": set.num_shards(),
+        },
         "examples_per_second": {
             "teacher_1200_1200_dropout": teacher,
             "mlp_800_800_hard": student_hard,
@@ -139,9 +146,21 @@ fn examples_per_second(
     cfg: &TrainConfig,
     device: &Device,
 ) -> anyhow::Result<f64> {
+    Ok(one_epoch(spec, data, validation, targets, cfg, device)?.examples_per_second)
+}
+
+/// Trains a fresh `spec` for the one epoch of `cfg` and returns its stats.
+fn one_epoch(
+    spec: &MlpSpec,
+    data: &Dataset,
+    validation: &Dataset,
+    targets: Targets<'_>,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> anyhow::Result<EpochStats> {
     let model = Mlp::new_random(spec.clone(), &mut seed::rng(1, Stream::Init), device)?;
     let report = train(&model, data, validation, targets, cfg, device, |_| {})?;
-    Ok(report.epochs[0].examples_per_second)
+    Ok(report.epochs[0].clone())
 }
 
 /// The GEMMs of one step of `spec` at `batch` rows as (m, k, n): the

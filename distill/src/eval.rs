@@ -80,15 +80,40 @@ fn for_each_batch(
 
 /// The model's logits for every example, row-major `[len, classes]`.
 pub fn predict_logits(model: &Mlp, data: &Dataset, device: &Device) -> Result<Vec<f32>> {
-    if device.is_cpu() {
-        return Ok(CpuForward::new(model)?.logits(data.features()));
+    Predictor::new(model, device)?.logits(data)
+}
+
+/// A model ready to compute logits on `device`, for several datasets in a
+/// row (on CPU the weights are laid out for inference once, not per call).
+pub struct Predictor<'a> {
+    model: &'a Mlp,
+    device: &'a Device,
+    cpu: Option<CpuForward>,
+}
+
+impl<'a> Predictor<'a> {
+    /// Prepares `model` for inference on `device`.
+    pub fn new(model: &'a Mlp, device: &'a Device) -> Result<Self> {
+        let cpu = if device.is_cpu() {
+            Some(CpuForward::new(model)?)
+        } else {
+            None
+        };
+        Ok(Predictor { model, device, cpu })
     }
-    let mut out = Vec::with_capacity(data.len() * model.spec().num_classes);
-    for_each_batch(data, device, |_, x| {
-        out.extend(model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
-        Ok(())
-    })?;
-    Ok(out)
+
+    /// The logits of every example of `data`, row-major.
+    pub fn logits(&self, data: &Dataset) -> Result<Vec<f32>> {
+        if let Some(cpu) = &self.cpu {
+            return Ok(cpu.logits(data.features()));
+        }
+        let mut out = Vec::with_capacity(data.len() * self.model.spec().num_classes);
+        for_each_batch(data, self.device, |_, x| {
+            out.extend(self.model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }
 
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {

@@ -7,7 +7,7 @@ use candle_core::Device;
 use common::dataset::{chunk_ranges, Dataset};
 use common::transfer::{Manifest, TransferSetWriter};
 
-use crate::eval::predict_logits;
+use crate::eval::Predictor;
 use crate::model::Mlp;
 use crate::Result;
 
@@ -31,6 +31,10 @@ pub fn write_transfer_set(
         data.num_classes(),
         ids,
     )?;
+    let predictors = teachers
+        .iter()
+        .map(|(_, t)| Predictor::new(t, device))
+        .collect::<Result<Vec<_>>>()?;
     // The writer thread encodes, checksums and writes shard k while the
     // teachers compute shard k + 1, so the disk never shows in the time.
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<f32>>>(1);
@@ -45,9 +49,9 @@ pub fn write_transfer_set(
         let computed = (|| -> Result<()> {
             for range in chunk_ranges(data.len(), rows_per_shard)? {
                 let part = data.slice(range)?;
-                let logits = teachers
+                let logits = predictors
                     .iter()
-                    .map(|(_, t)| predict_logits(t, &part, device))
+                    .map(|p| p.logits(&part))
                     .collect::<Result<Vec<_>>>()?;
                 if send.send(logits).is_err() {
                     // The writer stopped on an error; it reports it below.

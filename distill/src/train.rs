@@ -8,7 +8,7 @@
 //! (shards in random order, rows shuffled within a shard), so it may be
 //! larger than memory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use common::dataset::Dataset;
@@ -75,6 +75,12 @@ pub struct EpochStats {
     pub seconds: f64,
     /// Training examples per second.
     pub examples_per_second: f64,
+    /// Seconds of [`EpochStats::seconds`] spent waiting for the transfer
+    /// set's next shard (read and decoded on another thread while training
+    /// runs; 0 when training on labels). The first shard of an epoch is
+    /// always waited for.
+    #[serde(default)]
+    pub shard_wait_seconds: f64,
 }
 
 /// The history of a training run.
@@ -277,6 +283,7 @@ pub(crate) fn train_on_path(
         let started = Instant::now();
         let mut examples_seen = 0usize;
         step.loss.reset();
+        let mut shard_wait = Duration::ZERO;
         let mut after_step = |step: &Stepper<'_>, rows: usize| {
             examples_seen += rows;
             observer.on_step(&StepProgress {
@@ -300,22 +307,24 @@ pub(crate) fn train_on_path(
             Targets::Transfer { set, distill, .. } => {
                 let mut shard_order: Vec<usize> = (0..set.num_shards()).collect();
                 shard_order.shuffle(&mut shuffle_rng);
-                for_each_prefetched_shard(set, distill, &shard_order, |shard, soft| {
-                    let mut rows: Vec<usize> = (0..shard.rows)
-                        .filter(|&r| targets.keeps(shard.start + r))
-                        .collect();
-                    rows.shuffle(&mut shuffle_rng);
-                    for chunk in rows.chunks(cfg.batch_size) {
-                        let indices: Vec<usize> = chunk.iter().map(|r| shard.start + r).collect();
-                        step.run(gather(
-                            train,
-                            &indices,
-                            Some((soft, chunk, shard.num_classes)),
-                        ))?;
-                        after_step(&step, chunk.len())?;
-                    }
-                    Ok(())
-                })?;
+                shard_wait =
+                    for_each_prefetched_shard(set, distill, &shard_order, |shard, soft| {
+                        let mut rows: Vec<usize> = (0..shard.rows)
+                            .filter(|&r| targets.keeps(shard.start + r))
+                            .collect();
+                        rows.shuffle(&mut shuffle_rng);
+                        for chunk in rows.chunks(cfg.batch_size) {
+                            let indices: Vec<usize> =
+                                chunk.iter().map(|r| shard.start + r).collect();
+                            step.run(gather(
+                                train,
+                                &indices,
+                                Some((soft, chunk, shard.num_classes)),
+                            ))?;
+                            after_step(&step, chunk.len())?;
+                        }
+                        Ok(())
+                    })?;
             }
         }
         step.loss.read()?;
@@ -329,6 +338,7 @@ pub(crate) fn train_on_path(
             learning_rate: step.lr,
             seconds,
             examples_per_second: examples_seen as f64 / seconds,
+            shard_wait_seconds: shard_wait.as_secs_f64(),
         };
         tracing::info!(
             epoch,
@@ -370,13 +380,13 @@ enum Engine {
 /// Calls `f` with each shard of `order` and its soft targets, reading and
 /// decoding the next shard on another thread while `f` trains on the
 /// current one. At most two shards are in memory at once, however large the
-/// transfer set.
+/// transfer set. Returns the time spent waiting for shards.
 fn for_each_prefetched_shard(
     set: &TransferSet,
     distill: &DistillConfig,
     order: &[usize],
     mut f: impl FnMut(&Shard, &[f32]) -> Result<()>,
-) -> Result<()> {
+) -> Result<Duration> {
     let (send, receive) = std::sync::mpsc::sync_channel::<Result<(Shard, Vec<f32>)>>(0);
     std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -394,11 +404,15 @@ fn for_each_prefetched_shard(
             }
         });
         // Dropping the receiver on an early return unblocks the reader.
-        for loaded in receive {
+        let mut waited = Duration::ZERO;
+        loop {
+            let asked = Instant::now();
+            let Ok(loaded) = receive.recv() else { break };
+            waited += asked.elapsed();
             let (shard, soft) = loaded?;
             f(&shard, &soft)?;
         }
-        Ok(())
+        Ok(waited)
     })
 }
 
