@@ -293,20 +293,25 @@ fn coordinator_and_two_workers_run_a_job_to_completion() {
 fn job_completes_when_a_worker_is_killed_mid_task() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // Long enough teachers that the kill lands inside a training task.
-    let config = write_config(dir.path(), 400);
+    // Long enough teachers that the kill lands inside a training task: the
+    // victim is killed as soon as it reports its first epoch of a teacher,
+    // with hundreds still to go.
+    let config = write_config(dir.path(), 1000);
     let coordinator = Coordinator::start(&config);
     let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    let mut training_teacher = [false; 2];
     let victim = loop {
         let (i, line) = workers
             .lines
             .recv_timeout(Duration::from_secs(120))
-            .expect("a worker starts a task");
-        if line.contains("task started") && line.contains("teacher-") {
+            .expect("a worker trains a teacher");
+        if line.contains("task started") {
+            training_teacher[i] = line.contains("teacher-");
+        }
+        if training_teacher[i] && line.contains("epoch done") {
             break i;
         }
     };
-    std::thread::sleep(Duration::from_millis(800));
     workers.children[victim].kill().unwrap(); // SIGKILL
     workers.children[victim].wait().unwrap();
     let finished_before_kill = workers
