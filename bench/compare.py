@@ -10,10 +10,17 @@ matrix shapes (the faster of candle's and torch's medians of 7 repeats,
 measured in the same run) and the fraction of it each framework's step
 reaches.
 
-usage: compare.py WORK_DIR COMMAND  (WORK_DIR holds ours-throughput.json,
-torch-throughput.json, ours-pipeline/report.json, ours-pipeline-wall.txt,
-torch-pipeline.json)
+This machine's speed drifts by up to 2x between runs, so compare.sh
+measures the throughput of both frameworks several times, alternating, and
+every throughput figure here is the median over those repeats (all values
+are kept in the JSON).
+
+usage: compare.py WORK_DIR COMMAND  (WORK_DIR holds ours-throughput-R.json
+and torch-throughput-R.json for R = 1, 2, ..., ours-pipeline/report.json,
+ours-pipeline-wall.txt, torch-pipeline.json)
 """
+import glob
+import statistics
 import datetime
 import json
 import os
@@ -78,32 +85,44 @@ def load(path):
         return json.load(f)
 
 
+def repeats(work, prefix):
+    paths = sorted(glob.glob(os.path.join(work, f"{prefix}-throughput-*.json")))
+    if not paths:
+        sys.exit(f"no {prefix}-throughput-*.json in {work}")
+    return [load(p) for p in paths]
+
+
 def main():
     work, command = sys.argv[1], sys.argv[2]
-    ours_tp = load(os.path.join(work, "ours-throughput.json"))
-    torch_tp = load(os.path.join(work, "torch-throughput.json"))
+    ours_runs = repeats(work, "ours")
+    torch_runs = repeats(work, "torch")
+    ours_tp, torch_tp = ours_runs[0], torch_runs[0]
     ours_report = load(os.path.join(work, "ours-pipeline", "report.json"))
     ours_wall = float(open(os.path.join(work, "ours-pipeline-wall.txt")).read())
     torch_pipe = load(os.path.join(work, "torch-pipeline.json"))
 
     figures = []
     for torch_key, ours_key, what in STEPS:
-        ours = ours_tp["examples_per_second"][ours_key]
-        theirs = torch_tp["figures"][torch_key]["examples_per_second"]
-        ours_gemm = ours_tp["step_gemm"][torch_key]
-        torch_gemm = torch_tp["figures"][torch_key]
-        flops = ours_gemm["flops_per_example"]
-        machine = max(ours_gemm["gemm_gflops_median"], torch_gemm["gemm_gflops_median"])
+        ours_all = [r["examples_per_second"][ours_key] for r in ours_runs]
+        theirs_all = [r["figures"][torch_key]["examples_per_second"] for r in torch_runs]
+        candle_gemm = statistics.median(r["step_gemm"][torch_key]["gemm_gflops_median"]
+                                        for r in ours_runs)
+        torch_gemm = statistics.median(r["figures"][torch_key]["gemm_gflops_median"]
+                                       for r in torch_runs)
+        ours, theirs = statistics.median(ours_all), statistics.median(theirs_all)
+        flops = ours_tp["step_gemm"][torch_key]["flops_per_example"]
+        machine = max(candle_gemm, torch_gemm)
         figures.append({
             "name": torch_key,
             "what": what,
             "unit": "examples/s",
             "ours": ours,
             "pytorch": theirs,
+            "ours_repeats": ours_all,
+            "pytorch_repeats": theirs_all,
             "speedup": ours / theirs,
             "flops_per_example": flops,
-            "gemm_gflops_median": {"candle": ours_gemm["gemm_gflops_median"],
-                                   "torch": torch_gemm["gemm_gflops_median"],
+            "gemm_gflops_median": {"candle": candle_gemm, "torch": torch_gemm,
                                    "machine": machine},
             "fraction_of_machine_gemm": {"ours": ours * flops / 1e9 / machine,
                                          "pytorch": theirs * flops / 1e9 / machine},
@@ -125,9 +144,10 @@ def main():
         "threads": {"ours": ours_tp["threads"], "pytorch": torch_tp["threads"]},
         "batch": ours_tp["batch"],
         "steps": {"ours": ours_tp["steps"], "pytorch": torch_tp["steps"]},
-        "matmul_gflops_2048_candle": ours_tp["matmul_gflops_2048"],
+        "throughput_repeats": len(ours_runs),
+        "matmul_gflops_2048_candle": [r["matmul_gflops_2048"] for r in ours_runs],
         "figures": figures,
-        "distill_shard_wait": ours_tp.get("distill_shard_wait"),
+        "distill_shard_wait": ours_runs[-1].get("distill_shard_wait"),
         "pipeline_test_errors": {"epochs": torch_pipe["epochs"], "ours": ours_errors,
                                  "pytorch": torch_errors},
     }
@@ -171,7 +191,9 @@ def markdown(r):
                 f"the next shard on another thread while it trains: it waited {w['seconds'] * 1000:.0f} ms "
                 f"for shards in its {w['epoch_seconds']:.1f} s epoch, the first shard included."]
     out.append("")
-    out.append("A speedup above 1 means we are faster. The fraction is the step's useful "
+    out.append(f"Throughput figures are medians of {r['throughput_repeats']} alternating runs of "
+               "each framework (every value is in the JSON); the pipelines ran once each. "
+               "A speedup above 1 means we are faster. The fraction is the step's useful "
                "GEMM work (its FLOPs per example × examples/s) over the faster library's GEMM "
                "rate on the same shapes, measured in the same run.")
     return "\n".join(out) + "\n"
