@@ -63,11 +63,21 @@ impl Evaluation {
 fn for_each_batch(
     data: &Dataset,
     device: &Device,
+    f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<()>,
+) -> Result<()> {
+    for_each_batch_in(data, 0..data.len(), device, f)
+}
+
+/// [`for_each_batch`] over the examples in `rows` only.
+fn for_each_batch_in(
+    data: &Dataset,
+    rows: std::ops::Range<usize>,
+    device: &Device,
     mut f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<()>,
 ) -> Result<()> {
     let dim = data.dim();
-    for start in (0..data.len()).step_by(INFERENCE_BATCH) {
-        let end = (start + INFERENCE_BATCH).min(data.len());
+    for start in rows.clone().step_by(INFERENCE_BATCH) {
+        let end = (start + INFERENCE_BATCH).min(rows.end);
         let x = Tensor::from_slice(
             &data.features()[start * dim..end * dim],
             (end - start, dim),
@@ -104,11 +114,24 @@ impl<'a> Predictor<'a> {
 
     /// The logits of every example of `data`, row-major.
     pub fn logits(&self, data: &Dataset) -> Result<Vec<f32>> {
-        if let Some(cpu) = &self.cpu {
-            return Ok(cpu.logits(data.features()));
+        self.logits_of(data, 0..data.len())
+    }
+
+    /// The logits of the examples `rows` of `data`, row-major (nothing is
+    /// copied out of `data` on CPU).
+    pub fn logits_of(&self, data: &Dataset, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        if rows.end > data.len() || rows.start > rows.end {
+            return Err(crate::Error::invalid(
+                "rows",
+                format!("{rows:?} is not within the {} examples", data.len()),
+            ));
         }
-        let mut out = Vec::with_capacity(data.len() * self.model.spec().num_classes);
-        for_each_batch(data, self.device, |_, x| {
+        if let Some(cpu) = &self.cpu {
+            let dim = data.dim();
+            return Ok(cpu.logits(&data.features()[rows.start * dim..rows.end * dim]));
+        }
+        let mut out = Vec::with_capacity(rows.len() * self.model.spec().num_classes);
+        for_each_batch_in(data, rows, self.device, |_, x| {
             out.extend(self.model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
             Ok(())
         })?;

@@ -16,7 +16,7 @@ use common::seed::{self, Stream};
 use common::transfer::{encode_shard, soft_targets, EnsembleCombine, TransferSet};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{argmax_rows_host, evaluate, predict_logits, Evaluation};
+use crate::eval::{argmax_rows_host, evaluate, predict_logits, Evaluation, Predictor};
 use crate::hparams::{DistillConfig, TrainConfig};
 use crate::model::{Mlp, MlpSpec};
 use crate::subset::{kept_indices, ExampleSubset};
@@ -356,22 +356,20 @@ fn run_infer(
     device: &Device,
     observer: &mut dyn TrainObserver,
 ) -> Result<TaskOutput> {
-    let part = inputs.splits.train.slice(task.start..task.end)?;
+    let train = &inputs.splits.train;
+    let rows = task.start..task.end;
     let started = Instant::now();
     let mut logits = Vec::with_capacity(task.teachers.len());
     for (k, name) in task.teachers.iter().enumerate() {
-        logits.push(predict_logits(
-            &load_model(inputs, name, device)?,
-            &part,
-            device,
-        )?);
-        tick(observer, k + 1, started, part.len() * (k + 1))?;
+        let model = load_model(inputs, name, device)?;
+        logits.push(Predictor::new(&model, device)?.logits_of(train, rows.clone())?);
+        tick(observer, k + 1, started, rows.len() * (k + 1))?;
     }
     let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
     let payload = encode_shard(
         task.start,
-        part.len(),
-        part.num_classes(),
+        rows.len(),
+        train.num_classes(),
         &task.teachers,
         &views,
     )?;

@@ -23,14 +23,7 @@ pub fn write_transfer_set(
     for (id, t) in teachers {
         t.spec().ensure_fits(id, data)?;
     }
-    let ids = teachers.iter().map(|(id, _)| id.to_string()).collect();
-    let mut writer = TransferSetWriter::create(
-        dir,
-        &data.fingerprint(),
-        data.len(),
-        data.num_classes(),
-        ids,
-    )?;
+    let ids: Vec<String> = teachers.iter().map(|(id, _)| id.to_string()).collect();
     let predictors = teachers
         .iter()
         .map(|(_, t)| Predictor::new(t, device))
@@ -40,6 +33,10 @@ pub fn write_transfer_set(
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<f32>>>(1);
     std::thread::scope(|scope| {
         let writing = scope.spawn(move || -> Result<Manifest> {
+            // Hashing the dataset for the manifest overlaps the first shard.
+            let fingerprint = data.fingerprint();
+            let mut writer =
+                TransferSetWriter::create(dir, &fingerprint, data.len(), data.num_classes(), ids)?;
             for logits in receive {
                 let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
                 writer.write_shard(&views)?;
@@ -48,10 +45,9 @@ pub fn write_transfer_set(
         });
         let computed = (|| -> Result<()> {
             for range in chunk_ranges(data.len(), rows_per_shard)? {
-                let part = data.slice(range)?;
                 let logits = predictors
                     .iter()
-                    .map(|p| p.logits(&part))
+                    .map(|p| p.logits_of(data, range.clone()))
                     .collect::<Result<Vec<_>>>()?;
                 if send.send(logits).is_err() {
                     // The writer stopped on an error; it reports it below.
