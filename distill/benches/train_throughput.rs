@@ -1,7 +1,7 @@
 //! Training throughput on this machine, batch 128: the 784-1200-1200-10 net
 //! with dropout (0.2 input, 0.5 hidden), max-norm and ±2-pixel jitter, the
 //! 784-800-800-10 net on hard labels, and the 800-800 distillation step at
-//! T = 20; teacher inference at batch 1024; plus, measured in the same run,
+//! T = 20; teacher inference (alone, and into a transfer set on disk); plus, measured in the same run,
 //! the matrix-multiply rate of candle on each step's own GEMM shapes
 //! (median of 7 repeats) and on 2048³, as references.
 //!
@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use common::dataset::{Dataset, Normalization};
 use common::seed::{self, Stream};
 use common::transfer::TransferSet;
+use distill::eval::Predictor;
 use distill::hparams::{DistillConfig, EpochSelection, TrainConfig};
 use distill::model::{Mlp, MlpSpec};
 use distill::teacher::write_transfer_set;
@@ -80,9 +81,18 @@ fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let t = Mlp::new_random(large.clone(), &mut seed::rng(9, Stream::Init), &device)?;
+    // Teacher inference alone (the work PyTorch's figure times), after one
+    // warm-up pass over a slice; then the same into a transfer set on disk,
+    // shards written on another thread.
+    let predictor = Predictor::new(&t, &device)?;
+    predictor.logits_of(&data, 0..INFER_BATCH.min(data.len()))?;
+    let started = Instant::now();
+    let logits = predictor.logits(&data)?;
+    let inference = data.len() as f64 / started.elapsed().as_secs_f64();
+    drop(logits);
     let started = Instant::now();
     write_transfer_set(&[("t", &t)], &data, dir.path(), 2_000, &device)?;
-    let inference = data.len() as f64 / started.elapsed().as_secs_f64();
+    let into_transfer_set = data.len() as f64 / started.elapsed().as_secs_f64();
     let set = TransferSet::open(dir.path())?;
     let distill_cfg = DistillConfig::default();
     let targets = Targets::Transfer {
@@ -117,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             "mlp_800_800_hard": student_hard,
             "distill_800_800_T20": distill_step,
             "teacher_inference_1200_1200": inference,
+            "teacher_inference_into_transfer_set_1200_1200": into_transfer_set,
         },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
