@@ -20,6 +20,7 @@ pub mod model;
 pub mod model_io;
 pub mod optim;
 pub mod schedule;
+pub mod specialists;
 pub mod subset;
 pub mod task;
 pub mod teacher;
