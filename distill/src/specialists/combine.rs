@@ -108,6 +108,58 @@ pub fn combine(
     (q, settings.max_iterations)
 }
 
+/// The specialists active for one example (paper, section 5): those whose
+/// classes include any of the generalist's `top_n` most probable classes.
+/// `clusters[m]` lists specialist m's classes.
+pub fn active_specialists(generalist: &[f64], clusters: &[Vec<usize>], top_n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..generalist.len()).collect();
+    order.sort_by(|&a, &b| generalist[b].total_cmp(&generalist[a]).then(a.cmp(&b)));
+    let top = &order[..top_n.min(order.len())];
+    clusters
+        .iter()
+        .enumerate()
+        .filter(|(_, classes)| classes.iter().any(|c| top.contains(c)))
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// Eq. 5 for every example: `generalist` is `rows x classes`; specialist m
+/// covers `clusters[m]` and its output `specialists[m]` is `rows x
+/// (clusters[m].len() + 1)` (dustbin last). Each row is combined with the
+/// specialists that [`active_specialists`] selects for it. Returns the
+/// combined distributions, `rows x classes`.
+pub fn combine_batch(
+    generalist: &[f64],
+    classes: usize,
+    clusters: &[Vec<usize>],
+    specialists: &[Vec<f64>],
+    top_n: usize,
+    settings: SolverSettings,
+) -> Vec<f64> {
+    assert_eq!(
+        clusters.len(),
+        specialists.len(),
+        "one output per specialist"
+    );
+    let rows = generalist.len() / classes;
+    let mut out = Vec::with_capacity(generalist.len());
+    for r in 0..rows {
+        let p = &generalist[r * classes..(r + 1) * classes];
+        let outputs: Vec<SpecialistOutput<'_>> = active_specialists(p, clusters, top_n)
+            .into_iter()
+            .map(|m| {
+                let width = clusters[m].len() + 1;
+                SpecialistOutput {
+                    classes: &clusters[m],
+                    probs: &specialists[m][r * width..(r + 1) * width],
+                }
+            })
+            .collect();
+        out.extend(combine(p, &outputs, settings).0);
+    }
+    out
+}
+
 /// The objective of eq. 5 at `q` (up to the constant entropies of the
 /// models' distributions): the sum of the cross-entropies.
 pub fn objective(generalist: &[f64], specialists: &[SpecialistOutput<'_>], q: &[f64]) -> f64 {
@@ -170,6 +222,39 @@ mod tests {
         assert!(q[2] + q[3] > p[2] + p[3]);
         assert!((q[2] / q[3] - 3.0).abs() < 1e-6, "{q:?}");
         assert!((q.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn only_specialists_covering_the_top_classes_take_part() {
+        let clusters = vec![vec![0, 1], vec![2], vec![3, 4]];
+        let p = [0.05, 0.5, 0.1, 0.3, 0.05];
+        assert_eq!(active_specialists(&p, &clusters, 1), vec![0]);
+        assert_eq!(active_specialists(&p, &clusters, 2), vec![0, 2]);
+        // Batched: row 0 activates specialist 0 only, which pulls class 0
+        // up; row 1's top class is 2, so specialist 0 is ignored there.
+        let generalist = [0.4, 0.35, 0.25, 0.1, 0.2, 0.7];
+        let clusters = vec![vec![0], vec![2]];
+        let specialists = vec![vec![0.9, 0.1, 0.9, 0.1], vec![0.5, 0.5, 0.8, 0.2]];
+        let q = combine_batch(&generalist, 3, &clusters, &specialists, 1, settings());
+        let (row0, _) = combine(
+            &generalist[..3],
+            &[SpecialistOutput {
+                classes: &[0],
+                probs: &[0.9, 0.1],
+            }],
+            settings(),
+        );
+        let (row1, _) = combine(
+            &generalist[3..],
+            &[SpecialistOutput {
+                classes: &[2],
+                probs: &[0.8, 0.2],
+            }],
+            settings(),
+        );
+        assert_eq!(&q[..3], &row0[..]);
+        assert_eq!(&q[3..], &row1[..]);
+        assert!(q[0] > generalist[0]);
     }
 
     /// Every point of a grid on the 3-class simplex, the best one kept.

@@ -27,9 +27,70 @@ pub fn dustbin_logit_correction(natural: f64, trained: f64) -> f64 {
     (natural / trained).ln()
 }
 
+/// A specialist's training stream for one epoch: indices into `labels`,
+/// half of them examples of `classes` and half drawn at random from the
+/// other examples, shuffled; `size` in all (at least one of each kind when
+/// both exist). Returns the indices and the fraction of them that are
+/// dustbin examples.
+pub fn enriched_sample<R: rand::Rng>(
+    labels: &[u32],
+    classes: &[usize],
+    size: usize,
+    rng: &mut R,
+) -> (Vec<usize>, f64) {
+    use rand::seq::SliceRandom;
+    let (mut own, mut rest): (Vec<usize>, Vec<usize>) =
+        (0..labels.len()).partition(|&i| classes.contains(&(labels[i] as usize)));
+    own.shuffle(rng);
+    rest.shuffle(rng);
+    let half = size / 2;
+    let from_own = half.min(own.len());
+    let from_rest = (size - from_own).min(rest.len());
+    let mut sample: Vec<usize> = own[..from_own].to_vec();
+    sample.extend_from_slice(&rest[..from_rest]);
+    sample.shuffle(rng);
+    let dustbin = from_rest as f64 / sample.len().max(1) as f64;
+    (sample, dustbin)
+}
+
+/// The fraction of `labels` outside `classes`: how often a specialist
+/// covering `classes` meets dustbin examples in the natural data.
+pub fn natural_dustbin_fraction(labels: &[u32], classes: &[usize]) -> f64 {
+    let outside = labels
+        .iter()
+        .filter(|&&l| !classes.contains(&(l as usize)))
+        .count();
+    outside as f64 / labels.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::seed::{self, Stream};
+
+    #[test]
+    fn enriched_stream_is_half_own_classes() {
+        // 10 balanced classes, the specialist covers 2: 20% of the data.
+        let labels: Vec<u32> = (0..1000).map(|i| (i % 10) as u32).collect();
+        let classes = [3, 7];
+        let (sample, dustbin) =
+            enriched_sample(&labels, &classes, 300, &mut seed::rng(1, Stream::Shuffle));
+        assert_eq!(sample.len(), 300);
+        let own = sample
+            .iter()
+            .filter(|&&i| classes.contains(&(labels[i] as usize)))
+            .count();
+        assert_eq!(own, 150);
+        assert_eq!(dustbin, 0.5);
+        let mut distinct = sample.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 300, "no example twice");
+        assert!((natural_dustbin_fraction(&labels, &classes) - 0.8).abs() < 1e-12);
+        // Here the dustbin is under-sampled 0.8 / 0.5 = 1.6 times.
+        let c = dustbin_logit_correction(0.8, dustbin);
+        assert!((c - 1.6f64.ln()).abs() < 1e-12);
+    }
 
     #[test]
     fn labels_map_to_positions_or_the_dustbin() {
