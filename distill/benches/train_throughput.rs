@@ -62,22 +62,24 @@ fn main() -> anyhow::Result<()> {
     };
     let large = MlpSpec::new(784, vec![1200, 1200], 10)?;
     let small = MlpSpec::new(784, vec![800, 800], 10)?;
-    let teacher = examples_per_second(
+    let teacher = one_epoch(
         &large,
         &data,
         &validation,
         Targets::Labels,
         &teacher_cfg,
         &device,
-    )?;
-    let student_hard = examples_per_second(
+    )?
+    .examples_per_second;
+    let student_hard = one_epoch(
         &small,
         &data,
         &validation,
         Targets::Labels,
         &plain_cfg,
         &device,
-    )?;
+    )?
+    .examples_per_second;
 
     let dir = tempfile::tempdir()?;
     let t = Mlp::new_random(large.clone(), &mut seed::rng(9, Stream::Init), &device)?;
@@ -147,17 +149,6 @@ fn random_mnist_like(n: usize) -> anyhow::Result<Dataset> {
         Some((28, 28)),
         Normalization::DivideBy255,
     )?)
-}
-
-fn examples_per_second(
-    spec: &MlpSpec,
-    data: &Dataset,
-    validation: &Dataset,
-    targets: Targets<'_>,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> anyhow::Result<f64> {
-    Ok(one_epoch(spec, data, validation, targets, cfg, device)?.examples_per_second)
 }
 
 /// Trains a fresh `spec` for the one epoch of `cfg` and returns its stats.

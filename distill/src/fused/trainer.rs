@@ -5,7 +5,7 @@
 //! The step computes exactly what the autograd step in [`crate::train`]
 //! computes; tests compare the two.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::gemm::{matmul, MatRef};
 use super::kernels::{
@@ -226,14 +226,20 @@ impl FusedTrainer {
         Ok(())
     }
 
-    /// The last step's gradients, `(weight, bias)` per layer, as tensors.
-    pub fn gradients(&self) -> Result<Vec<(Tensor, Tensor)>> {
+    /// The last step's gradients, `(weight, bias)` per layer, as tensors
+    /// (for the tests that hold them to autograd's).
+    #[cfg(test)]
+    fn gradients(&self) -> Result<Vec<(Tensor, Tensor)>> {
         self.layers
             .iter()
             .map(|l| {
                 Ok((
-                    Tensor::from_slice(&l.weight_grad, (l.fan_out, l.fan_in), &Device::Cpu)?,
-                    Tensor::from_slice(&l.bias_grad, l.fan_out, &Device::Cpu)?,
+                    Tensor::from_slice(
+                        &l.weight_grad,
+                        (l.fan_out, l.fan_in),
+                        &candle_core::Device::Cpu,
+                    )?,
+                    Tensor::from_slice(&l.bias_grad, l.fan_out, &candle_core::Device::Cpu)?,
                 ))
             })
             .collect()
@@ -249,6 +255,7 @@ mod tests {
     use crate::loss::{distillation_loss, hard_cross_entropy};
     use crate::model::{Dropout, MlpSpec};
     use crate::optim::SgdMomentum;
+    use candle_core::Device;
     use common::seed::{self, Stream};
     use rand::Rng;
 
