@@ -112,6 +112,11 @@ impl<'a> Predictor<'a> {
         Ok(Predictor { model, device, cpu })
     }
 
+    /// The model's number of outputs.
+    pub fn num_classes(&self) -> usize {
+        self.model.spec().num_classes
+    }
+
     /// The logits of every example of `data`, row-major.
     pub fn logits(&self, data: &Dataset) -> Result<Vec<f32>> {
         self.logits_of(data, 0..data.len())

@@ -146,6 +146,11 @@ pub struct DistillConfig {
     pub hard_weight: f64,
     /// How the ensemble members' distributions are combined.
     pub combine: EnsembleCombine,
+    /// Learn from these of the transfer set's teachers only (all when
+    /// empty), such as the generalist alone when the set also holds the
+    /// generalist+specialists combination.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub teachers: Vec<String>,
 }
 
 impl Default for DistillConfig {
@@ -154,6 +159,7 @@ impl Default for DistillConfig {
             temperature: 20.0,
             hard_weight: 0.1,
             combine: EnsembleCombine::Arithmetic,
+            teachers: Vec::new(),
         }
     }
 }

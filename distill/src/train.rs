@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use common::dataset::Dataset;
 use common::seed::{self, ChaCha8Rng, Stream};
-use common::transfer::{Shard, TransferSet};
-use rand::seq::SliceRandom;
+use common::transfer::{soft_targets, Shard, TransferSet};
+use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::jitter_images;
@@ -42,6 +42,20 @@ pub enum Targets<'a> {
         /// `keep[i]`: whether training example `i` is learnt from (all when
         /// `None`); see [`crate::subset::ExampleSubset::mask`].
         keep: Option<&'a [bool]>,
+    },
+    /// A specialist's enriched stream (paper, section 5): every epoch, all
+    /// of `own` plus as many examples drawn afresh from `rest` (fewer when
+    /// `rest` is smaller), shuffled, learnt with `labels` instead of the
+    /// training set's own.
+    Enriched {
+        /// The label of every training example (`classes` of them).
+        labels: &'a [u32],
+        /// Number of classes of `labels` (the model's outputs).
+        classes: usize,
+        /// Examples of the specialist's own classes.
+        own: &'a [usize],
+        /// Every other example (its dustbin class).
+        rest: &'a [usize],
     },
 }
 
@@ -223,6 +237,9 @@ pub(crate) fn train_on_path(
     check_compatible(model, train, validation, targets, cfg)?;
     let steps_per_epoch = match targets {
         Targets::Labels => train.len().div_ceil(cfg.batch_size),
+        Targets::Enriched { own, rest, .. } => {
+            (own.len() + own.len().min(rest.len())).div_ceil(cfg.batch_size)
+        }
         Targets::Transfer { set, .. } => set
             .manifest()
             .shards
@@ -300,7 +317,19 @@ pub(crate) fn train_on_path(
                 let mut order: Vec<usize> = (0..train.len()).collect();
                 order.shuffle(&mut shuffle_rng);
                 for chunk in order.chunks(cfg.batch_size) {
-                    step.run(gather(train, chunk, None))?;
+                    step.run(gather(train, train.labels(), chunk, None))?;
+                    after_step(&step, chunk.len())?;
+                }
+            }
+            Targets::Enriched {
+                labels, own, rest, ..
+            } => {
+                let drawn = own.len().min(rest.len());
+                let mut order: Vec<usize> = own.to_vec();
+                order.extend(rest.choose_multiple(&mut shuffle_rng, drawn).copied());
+                order.shuffle(&mut shuffle_rng);
+                for chunk in order.chunks(cfg.batch_size) {
+                    step.run(gather(train, labels, chunk, None))?;
                     after_step(&step, chunk.len())?;
                 }
             }
@@ -318,6 +347,7 @@ pub(crate) fn train_on_path(
                                 chunk.iter().map(|r| shard.start + r).collect();
                             step.run(gather(
                                 train,
+                                train.labels(),
                                 &indices,
                                 Some((soft, chunk, shard.num_classes)),
                             ))?;
@@ -387,12 +417,23 @@ fn for_each_prefetched_shard(
     order: &[usize],
     mut f: impl FnMut(&Shard, &[f32]) -> Result<()>,
 ) -> Result<Duration> {
+    let members = teacher_indices(set, distill)?;
     let (send, receive) = std::sync::mpsc::sync_channel::<Result<(Shard, Vec<f32>)>>(0);
     std::thread::scope(|scope| {
+        let members = &members;
         scope.spawn(move || {
             for &s in order {
                 let loaded = set.read_shard(s).map_err(Error::from).and_then(|shard| {
-                    let soft = shard.soft_targets(distill.temperature, distill.combine)?;
+                    let logits: Vec<&[f32]> = members
+                        .iter()
+                        .map(|&k| shard.logits[k].as_slice())
+                        .collect();
+                    let soft = soft_targets(
+                        &logits,
+                        shard.num_classes,
+                        distill.temperature,
+                        distill.combine,
+                    )?;
                     Ok((shard, soft))
                 });
                 let failed = loaded.is_err();
@@ -414,6 +455,27 @@ fn for_each_prefetched_shard(
         }
         Ok(waited)
     })
+}
+
+/// Positions in `set`'s teacher list of the teachers `distill` learns
+/// from: [`DistillConfig::teachers`], or all of them when it is empty.
+fn teacher_indices(set: &TransferSet, distill: &DistillConfig) -> Result<Vec<usize>> {
+    let stored = &set.manifest().teachers;
+    if distill.teachers.is_empty() {
+        return Ok((0..stored.len()).collect());
+    }
+    distill
+        .teachers
+        .iter()
+        .map(|name| {
+            stored.iter().position(|t| t == name).ok_or_else(|| {
+                Error::invalid(
+                    "distill.teachers",
+                    format!("{name} is not in the transfer set (it holds {stored:?})"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The running mean of an epoch's training loss. The autograd path leaves
@@ -597,14 +659,19 @@ fn mean_entropy(targets: &[f32], classes: usize) -> f64 {
 
 /// The host-side batch of the examples at `indices`, with the soft-target
 /// rows `soft.1` of the shard's targets `soft.0` when distilling.
-fn gather(data: &Dataset, indices: &[usize], soft: Option<(&[f32], &[usize], usize)>) -> Batch {
+fn gather(
+    data: &Dataset,
+    labels: &[u32],
+    indices: &[usize],
+    soft: Option<(&[f32], &[usize], usize)>,
+) -> Batch {
     let mut inputs = Vec::with_capacity(indices.len() * data.dim());
     for &i in indices {
         inputs.extend_from_slice(data.example(i));
     }
     Batch {
         inputs,
-        labels: indices.iter().map(|&i| data.labels()[i]).collect(),
+        labels: indices.iter().map(|&i| labels[i]).collect(),
         soft: soft.map(|(targets, rows, classes)| {
             rows.iter()
                 .flat_map(|&r| &targets[r * classes..(r + 1) * classes])
@@ -622,15 +689,22 @@ fn check_compatible(
     cfg: &TrainConfig,
 ) -> Result<()> {
     let spec = model.spec();
-    for data in [train, validation] {
-        if data.dim() != spec.input_dim || data.num_classes() != spec.num_classes {
+    let train_classes = match targets {
+        Targets::Enriched { classes, .. } => classes,
+        _ => train.num_classes(),
+    };
+    for (data, classes) in [
+        (train, train_classes),
+        (validation, validation.num_classes()),
+    ] {
+        if data.dim() != spec.input_dim || classes != spec.num_classes {
             return Err(Error::invalid(
                 "dataset",
                 format!(
                     "{} has {} features and {} classes, the model {} expects {} and {}",
                     data.name(),
                     data.dim(),
-                    data.num_classes(),
+                    classes,
                     spec.describe(),
                     spec.input_dim,
                     spec.num_classes
@@ -653,9 +727,36 @@ fn check_compatible(
             ),
         ));
     }
+    if let Targets::Enriched {
+        labels,
+        classes,
+        own,
+        rest,
+    } = targets
+    {
+        if labels.len() != train.len() || labels.iter().any(|&l| l as usize >= classes) {
+            return Err(Error::invalid(
+                "specialist labels",
+                format!(
+                    "need one label below {classes} for each of the {} training examples",
+                    train.len()
+                ),
+            ));
+        }
+        if own.is_empty() || own.iter().chain(rest).any(|&i| i >= train.len()) {
+            return Err(Error::invalid(
+                "specialist examples",
+                format!(
+                    "need at least one example of its own classes, all below {}",
+                    train.len()
+                ),
+            ));
+        }
+    }
     if let Targets::Transfer { set, distill, keep } = targets {
         distill.validate()?;
         set.check_dataset(train)?;
+        teacher_indices(set, distill)?;
         if keep.is_some_and(|k| k.len() != train.len()) {
             return Err(Error::invalid(
                 "example subset",

@@ -2,8 +2,9 @@
 //! of the generalist's predicted class probabilities over a set of
 //! examples, then K-means on its columns, so that classes the generalist
 //! confuses with one another (whose probabilities rise and fall together)
-//! land in the same cluster. No labels are used. Clusters partition the
-//! classes: they do not overlap.
+//! land in the same cluster. No labels are used. By default the clusters
+//! partition the classes (no overlap); with a fixed number of classes per
+//! specialist they may overlap (see [`confusable_clusters`]).
 
 use rand::Rng;
 
@@ -172,12 +173,17 @@ fn fill_empty_clusters(
 }
 
 /// The clusters of confusable classes: K-means with `k` clusters on the
-/// columns of the covariance of `probs` (`rows x classes`). Returns the
-/// classes of each cluster, in increasing order.
+/// columns of the covariance of `probs` (`rows x classes`). With
+/// `per_specialist = None` the clusters partition the classes; with
+/// `Some(m)` each cluster is replaced by the `m` classes nearest its
+/// K-means centre, so clusters may overlap (a class confusable with two
+/// groups goes to both) and leave classes uncovered. Returns the classes of
+/// each cluster, in increasing order.
 pub fn confusable_clusters<R: Rng>(
     probs: &[f32],
     classes: usize,
     k: usize,
+    per_specialist: Option<usize>,
     rng: &mut R,
 ) -> Vec<Vec<usize>> {
     let cov = prediction_covariance(probs, classes);
@@ -187,7 +193,29 @@ pub fn confusable_clusters<R: Rng>(
     for (class, &cluster) in assignment.iter().enumerate() {
         clusters[cluster].push(class);
     }
+    let Some(m) = per_specialist else {
+        return clusters;
+    };
+    let column = |c: usize| &cov[c * classes..(c + 1) * classes];
     clusters
+        .iter()
+        .map(|members| {
+            let mut centre = vec![0f64; classes];
+            for &c in members {
+                centre.iter_mut().zip(column(c)).for_each(|(s, v)| *s += v);
+            }
+            centre.iter_mut().for_each(|s| *s /= members.len() as f64);
+            let mut order: Vec<usize> = (0..classes).collect();
+            order.sort_by(|&a, &b| {
+                squared_distance(column(a), &centre)
+                    .total_cmp(&squared_distance(column(b), &centre))
+                    .then(a.cmp(&b))
+            });
+            let mut nearest = order[..m.min(classes)].to_vec();
+            nearest.sort_unstable();
+            nearest
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -235,6 +263,7 @@ mod tests {
             &renamed,
             classes,
             groups,
+            None,
             &mut seed::rng(1, Stream::Synthetic),
         );
         let mut got: Vec<Vec<usize>> = clusters;
@@ -248,6 +277,36 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_fixed_size_per_specialist_keeps_the_group_and_adds_its_nearest_classes() {
+        let (groups, per_group) = (4, 3);
+        let probs = confused_predictions(groups, per_group, 3000);
+        let classes = groups * per_group;
+        let clusters = confusable_clusters(
+            &probs,
+            classes,
+            groups,
+            Some(5),
+            &mut seed::rng(3, Stream::Synthetic),
+        );
+        let mut groups_found: Vec<usize> = clusters
+            .iter()
+            .map(|c| {
+                assert_eq!(c.len(), 5);
+                // The 3 classes of one planted group are all in it.
+                let g = (0..groups)
+                    .find(|g| (0..per_group).all(|i| c.contains(&(g * per_group + i))))
+                    .unwrap_or_else(|| panic!("no whole group in {c:?}"));
+                g
+            })
+            .collect();
+        groups_found.sort();
+        assert_eq!(groups_found, vec![0, 1, 2, 3]);
+        // 4 x 5 places for 12 classes: some class is in two clusters.
+        let covered: usize = clusters.iter().map(Vec::len).sum();
+        assert!(covered > classes);
     }
 
     #[test]

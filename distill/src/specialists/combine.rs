@@ -127,7 +127,7 @@ pub fn active_specialists(generalist: &[f64], clusters: &[Vec<usize>], top_n: us
 /// covers `clusters[m]` and its output `specialists[m]` is `rows x
 /// (clusters[m].len() + 1)` (dustbin last). Each row is combined with the
 /// specialists that [`active_specialists`] selects for it. Returns the
-/// combined distributions, `rows x classes`.
+/// combined distributions, `rows x classes`; rows are solved in parallel.
 pub fn combine_batch(
     generalist: &[f64],
     classes: usize,
@@ -141,22 +141,24 @@ pub fn combine_batch(
         specialists.len(),
         "one output per specialist"
     );
-    let rows = generalist.len() / classes;
-    let mut out = Vec::with_capacity(generalist.len());
-    for r in 0..rows {
-        let p = &generalist[r * classes..(r + 1) * classes];
-        let outputs: Vec<SpecialistOutput<'_>> = active_specialists(p, clusters, top_n)
-            .into_iter()
-            .map(|m| {
-                let width = clusters[m].len() + 1;
-                SpecialistOutput {
-                    classes: &clusters[m],
-                    probs: &specialists[m][r * width..(r + 1) * width],
-                }
-            })
-            .collect();
-        out.extend(combine(p, &outputs, settings).0);
-    }
+    use rayon::prelude::*;
+    let mut out = vec![0f64; generalist.len()];
+    out.par_chunks_mut(classes)
+        .zip(generalist.par_chunks(classes))
+        .enumerate()
+        .for_each(|(r, (q, p))| {
+            let outputs: Vec<SpecialistOutput<'_>> = active_specialists(p, clusters, top_n)
+                .into_iter()
+                .map(|m| {
+                    let width = clusters[m].len() + 1;
+                    SpecialistOutput {
+                        classes: &clusters[m],
+                        probs: &specialists[m][r * width..(r + 1) * width],
+                    }
+                })
+                .collect();
+            q.copy_from_slice(&combine(p, &outputs, settings).0);
+        });
     out
 }
 

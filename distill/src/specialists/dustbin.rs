@@ -27,30 +27,13 @@ pub fn dustbin_logit_correction(natural: f64, trained: f64) -> f64 {
     (natural / trained).ln()
 }
 
-/// A specialist's training stream for one epoch: indices into `labels`,
-/// half of them examples of `classes` and half drawn at random from the
-/// other examples, shuffled; `size` in all (at least one of each kind when
-/// both exist). Returns the indices and the fraction of them that are
-/// dustbin examples.
-pub fn enriched_sample<R: rand::Rng>(
-    labels: &[u32],
-    classes: &[usize],
-    size: usize,
-    rng: &mut R,
-) -> (Vec<usize>, f64) {
-    use rand::seq::SliceRandom;
-    let (mut own, mut rest): (Vec<usize>, Vec<usize>) =
-        (0..labels.len()).partition(|&i| classes.contains(&(labels[i] as usize)));
-    own.shuffle(rng);
-    rest.shuffle(rng);
-    let half = size / 2;
-    let from_own = half.min(own.len());
-    let from_rest = (size - from_own).min(rest.len());
-    let mut sample: Vec<usize> = own[..from_own].to_vec();
-    sample.extend_from_slice(&rest[..from_rest]);
-    sample.shuffle(rng);
-    let dustbin = from_rest as f64 / sample.len().max(1) as f64;
-    (sample, dustbin)
+/// The fraction of dustbin examples in a specialist's training stream
+/// (see [`crate::train::Targets::Enriched`]): every epoch it sees its `own`
+/// examples and as many drawn from the `rest` (all of the rest when there
+/// are fewer), so the fraction is one half unless the rest runs short.
+pub fn enriched_dustbin_fraction(own: usize, rest: usize) -> f64 {
+    let drawn = own.min(rest);
+    drawn as f64 / (own + drawn).max(1) as f64
 }
 
 /// The fraction of `labels` outside `classes`: how often a specialist
@@ -66,30 +49,19 @@ pub fn natural_dustbin_fraction(labels: &[u32], classes: &[usize]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::seed::{self, Stream};
 
     #[test]
-    fn enriched_stream_is_half_own_classes() {
+    fn enriched_stream_is_half_own_classes_unless_the_rest_runs_short() {
         // 10 balanced classes, the specialist covers 2: 20% of the data.
         let labels: Vec<u32> = (0..1000).map(|i| (i % 10) as u32).collect();
         let classes = [3, 7];
-        let (sample, dustbin) =
-            enriched_sample(&labels, &classes, 300, &mut seed::rng(1, Stream::Shuffle));
-        assert_eq!(sample.len(), 300);
-        let own = sample
-            .iter()
-            .filter(|&&i| classes.contains(&(labels[i] as usize)))
-            .count();
-        assert_eq!(own, 150);
-        assert_eq!(dustbin, 0.5);
-        let mut distinct = sample.clone();
-        distinct.sort();
-        distinct.dedup();
-        assert_eq!(distinct.len(), 300, "no example twice");
         assert!((natural_dustbin_fraction(&labels, &classes) - 0.8).abs() < 1e-12);
+        assert_eq!(enriched_dustbin_fraction(200, 800), 0.5);
         // Here the dustbin is under-sampled 0.8 / 0.5 = 1.6 times.
-        let c = dustbin_logit_correction(0.8, dustbin);
+        let c = dustbin_logit_correction(0.8, enriched_dustbin_fraction(200, 800));
         assert!((c - 1.6f64.ln()).abs() < 1e-12);
+        // 8 of 10 classes covered: only 200 others for 800 own examples.
+        assert_eq!(enriched_dustbin_fraction(800, 200), 0.2);
     }
 
     #[test]
