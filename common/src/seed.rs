@@ -25,6 +25,8 @@ pub enum Stream {
     Split = 6,
     /// The fraction of the training split a student learns from.
     Subset = 7,
+    /// K-means of the specialists' classes.
+    Clustering = 8,
 }
 
 /// A random number generator for `purpose`, derived from `seed`.

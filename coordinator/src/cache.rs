@@ -132,6 +132,7 @@ mod tests {
             start: 0,
             end,
             teachers: vec!["teacher-0".into()],
+            combined: None,
         })
     }
 

@@ -163,6 +163,33 @@ pub struct TransferConfig {
     pub only_classes: Vec<u32>,
 }
 
+/// `[specialists]`: the paper's specialists (section 5) beside the one
+/// generalist teacher. A clustering task groups the classes the generalist
+/// confuses (K-means on the covariance of its predictions over the training
+/// split); each group gets a specialist, trained from the generalist's
+/// weights on its classes plus a dustbin; the generalist and the
+/// specialists are combined per example by eq. 5; and a second student
+/// (`student-combined`) is distilled from that combination.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialistsConfig {
+    /// Number of specialists (K-means clusters), at least 2.
+    pub count: usize,
+    /// Classes per specialist: each gets the classes nearest its K-means
+    /// centre, so specialists may overlap and some classes may be left to
+    /// the generalist. Default: the K-means clusters themselves, which
+    /// partition the classes (no overlap).
+    #[serde(default)]
+    pub classes_per_specialist: Option<usize>,
+    /// An example activates the specialists covering any of the
+    /// generalist's `top_n` most probable classes (the paper: 1).
+    #[serde(default = "one")]
+    pub top_n: usize,
+    /// How each specialist is trained (seed derived per specialist).
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
 /// `[baseline]`: the student's architecture on hard labels only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -208,6 +235,9 @@ pub struct ClusterConfig {
     pub teachers: TeachersConfig,
     /// The distilled student.
     pub student: StudentConfig,
+    /// Specialists beside the generalist (none by default).
+    #[serde(default)]
+    pub specialists: Option<SpecialistsConfig>,
     /// The hard-label baseline.
     #[serde(default)]
     pub baseline: Option<BaselineConfig>,
@@ -249,7 +279,7 @@ fn default_summary() -> f64 {
 }
 
 /// Model tables whose `train` sub-table must not set `seed`.
-const MODEL_TABLES: [&str; 3] = ["teachers", "student", "baseline"];
+const MODEL_TABLES: [&str; 4] = ["teachers", "student", "baseline", "specialists"];
 
 impl ClusterConfig {
     /// Reads, parses and validates `path`; relative paths in it become
@@ -391,11 +421,41 @@ impl ClusterConfig {
                 format!("must be in 1..=64, got {}", self.teachers.count),
             ));
         }
-        let models: [(&str, &[usize], &TrainConfig); 3] = [
+        let mut models: Vec<(&str, &[usize], &TrainConfig)> = vec![
             ("teachers", &self.teachers.hidden, &self.teachers.train),
             ("student", &self.student.hidden, &self.student.train),
             ("baseline", &self.student.hidden, self.baseline_train()),
         ];
+        if let Some(s) = &self.specialists {
+            models.push(("specialists", &self.teachers.hidden, &s.train));
+            if self.teachers.count != 1 {
+                return Err(invalid(
+                    "teachers.count",
+                    format!(
+                        "must be 1 with [specialists] (the one generalist they start from), got {}",
+                        self.teachers.count
+                    ),
+                ));
+            }
+            if !(2..=10_000).contains(&s.count) {
+                return Err(invalid(
+                    "specialists.count",
+                    format!("must be in 2..=10000, got {}", s.count),
+                ));
+            }
+            if s.top_n == 0 {
+                return Err(invalid(
+                    "specialists.top_n",
+                    "must be at least 1, got 0".into(),
+                ));
+            }
+            if s.classes_per_specialist == Some(0) {
+                return Err(invalid(
+                    "specialists.classes_per_specialist",
+                    "must be at least 1, got 0".into(),
+                ));
+            }
+        }
         for (table, hidden, train) in models {
             if hidden.is_empty() || hidden.contains(&0) {
                 return Err(invalid(
@@ -455,6 +515,33 @@ impl ClusterConfig {
             .bias_adjustment
             .as_ref()
             .map(|a| ("student.bias_adjustment.classes", &a.classes));
+        if let Some(s) = &self.specialists {
+            let invalid = |key: &str, reason: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: key.into(),
+                reason,
+            };
+            if s.count > num_classes {
+                return Err(invalid(
+                    "specialists.count",
+                    format!("{} specialists for {num_classes} classes", s.count),
+                ));
+            }
+            if s.classes_per_specialist.is_some_and(|m| m >= num_classes) {
+                return Err(invalid(
+                    "specialists.classes_per_specialist",
+                    format!(
+                        "must be below the number of classes ({num_classes}): a specialist needs a dustbin"
+                    ),
+                ));
+            }
+            if s.top_n > num_classes {
+                return Err(invalid(
+                    "specialists.top_n",
+                    format!("must be at most the number of classes ({num_classes})"),
+                ));
+            }
+        }
         for (key, classes) in lists.into_iter().chain(adjusted) {
             if let Some(c) = classes.iter().find(|&&c| c as usize >= num_classes) {
                 return Err(ConfigError::Invalid {
@@ -602,6 +689,47 @@ hidden = [16]
         ))
         .unwrap_err();
         assert!(err.to_string().contains("shift"), "{err}");
+    }
+
+    #[test]
+    fn specialists_are_checked_against_the_teachers_and_the_classes() {
+        let cfg = parse(&format!("{MINIMAL}\n[specialists]\ncount = 3\n")).unwrap();
+        let s = cfg.specialists.as_ref().unwrap();
+        assert_eq!((s.count, s.top_n, s.classes_per_specialist), (3, 1, None));
+        assert!(cfg.check_classes(Path::new("c"), 10).is_ok());
+        let err = cfg.check_classes(Path::new("c"), 2).unwrap_err();
+        assert!(err.to_string().contains("`specialists.count`"), "{err}");
+        let overlapping = parse(&format!(
+            "{MINIMAL}\n[specialists]\ncount = 3\nclasses_per_specialist = 10\n"
+        ))
+        .unwrap();
+        let err = overlapping.check_classes(Path::new("c"), 10).unwrap_err();
+        assert!(err.to_string().contains("needs a dustbin"), "{err}");
+        for (extra, key) in [
+            ("[specialists]\ncount = 1", "specialists.count"),
+            ("[specialists]\ncount = 2\ntop_n = 0", "specialists.top_n"),
+            (
+                "[specialists]\ncount = 2\nclasses_per_specialist = 0",
+                "specialists.classes_per_specialist",
+            ),
+            (
+                "[specialists]\ncount = 2\n[specialists.train]\nepochs = 0",
+                "specialists.train",
+            ),
+            (
+                "[specialists]\ncount = 2\n[specialists.train]\nseed = 3",
+                "specialists.train.seed",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{extra}")).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("`{key}`")),
+                "{extra}: {err}"
+            );
+        }
+        let two_teachers = MINIMAL.replace("[teachers]\n", "[teachers]\ncount = 2\n");
+        let err = parse(&format!("{two_teachers}\n[specialists]\ncount = 2")).unwrap_err();
+        assert!(err.to_string().contains("`teachers.count`"), "{err}");
     }
 
     #[test]

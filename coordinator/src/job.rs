@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::transfer::{store_encoded_shard, write_manifest, Manifest, ShardEntry, FORMAT_VERSION};
-use distill::task::{shard_artifact, ModelEvaluation, TRANSFER_MANIFEST_ARTIFACT};
+use distill::specialists::ensemble::Clusters;
+use distill::task::{
+    shard_artifact, ModelEvaluation, CLUSTERS_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+};
 use proto::pb;
 
 use crate::cache::TaskCache;
@@ -83,6 +86,8 @@ pub struct Job {
     pub records: HashMap<String, TaskRecord>,
     /// The evaluation task's results.
     pub evaluations: Option<Vec<ModelEvaluation>>,
+    /// The specialists' classes, once clustered.
+    pub clusters: Option<Clusters>,
     /// Workers that were told the job is over.
     pub told_over: BTreeSet<String>,
     transfer_dir: PathBuf,
@@ -123,6 +128,7 @@ impl Job {
             workers: BTreeMap::new(),
             records: HashMap::new(),
             evaluations: None,
+            clusters: None,
             told_over: BTreeSet::new(),
             transfer_dir,
             dataset_fingerprint: fingerprint.to_string(),
@@ -382,7 +388,7 @@ impl Job {
                     &self.transfer_dir,
                     *index,
                     range.clone(),
-                    &self.plan.teachers,
+                    &self.plan.transfer_teachers,
                     self.num_classes,
                     payload,
                 )
@@ -401,6 +407,24 @@ impl Job {
                     )
                     .clone();
                 self.shard_entries[*index] = Some(entry);
+                stored
+            }
+            Output::Clusters => {
+                let clusters = Clusters::from_json(payload, CLUSTERS_ARTIFACT)
+                    .map_err(|e| bad(e.to_string()))?;
+                if clusters.num_classes != self.num_classes
+                    || clusters.clusters.len() != self.plan.specialists.len()
+                {
+                    return Err(bad(format!(
+                        "{} clusters over {} classes, the job has {} specialists and {} classes",
+                        clusters.clusters.len(),
+                        clusters.num_classes,
+                        self.plan.specialists.len(),
+                        self.num_classes
+                    )));
+                }
+                let stored = self.store.put(CLUSTERS_ARTIFACT, payload)?.clone();
+                self.clusters = Some(clusters);
                 stored
             }
             Output::Evaluation => {
@@ -444,7 +468,7 @@ impl Job {
             dataset_fingerprint: self.dataset_fingerprint.clone(),
             num_examples: self.train_len,
             num_classes: self.num_classes,
-            teachers: self.plan.teachers.clone(),
+            teachers: self.plan.transfer_teachers.clone(),
             dtype: "F32".into(),
             shards: self.shard_entries.iter().flatten().cloned().collect(),
         };

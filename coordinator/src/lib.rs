@@ -286,7 +286,7 @@ fn finish_report(
             .sum();
         let transfer = TransferSummary {
             examples: sizes.train,
-            teachers: job.plan.teachers.clone(),
+            teachers: job.plan.transfer_teachers.clone(),
             shards: job.plan.shards,
             bytes,
             dir: "transfer".into(),
@@ -294,9 +294,12 @@ fn finish_report(
         Ok(report::build(
             cfg,
             sizes,
-            &job.plan.teachers,
-            &evaluations,
-            &job.records,
+            &job.plan,
+            report::Outcomes {
+                evaluations: &evaluations,
+                records: &job.records,
+                clusters: job.clusters.as_ref(),
+            },
             transfer,
             started.elapsed().as_secs_f64(),
         ))

@@ -2,14 +2,20 @@
 //! member) and the baseline, then teacher inference over each transfer-set
 //! shard, then the student's distillation, then one evaluation of everything.
 //! The shard count comes from the config, never from the number of workers.
+//!
+//! With `[specialists]`, the one teacher is the generalist: a clustering
+//! task groups its confused classes, one task per specialist trains it,
+//! inference also stores the generalist+specialists distribution (as the
+//! transfer set's `combined` teacher), and a second student learns from it.
 
 use std::ops::Range;
 
 use common::dataset::shard_ranges;
-use distill::hparams::TrainConfig;
+use distill::hparams::{DistillConfig, TrainConfig};
 use distill::task::{
-    model_artifact, shard_artifact, BiasAdjustment, EnsembleSpec, EvaluateTask, InferTask,
-    TaskSpec, TrainTask, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+    model_artifact, shard_artifact, BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec,
+    EvaluateTask, InferTask, SpecialistTask, TaskSpec, TrainTask, CLUSTERS_ARTIFACT,
+    DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
 };
 
 use crate::config::{derive_seed, ClusterConfig};
@@ -22,6 +28,17 @@ pub const BASELINE: &str = "baseline";
 pub const ENSEMBLE: &str = "ensemble";
 /// Id of the evaluation task.
 pub const EVALUATE: &str = "evaluate";
+/// Id of the task that clusters the classes for the specialists.
+pub const CLUSTER: &str = "clusters";
+/// Name of the generalist+specialists combination (eq. 5).
+pub const COMBINED: &str = "combined";
+/// Name of the student distilled from the combination.
+pub const STUDENT_COMBINED: &str = "student-combined";
+
+/// Name of specialist `m`.
+pub fn specialist_name(m: usize) -> String {
+    format!("specialist-{m:02}")
+}
 
 /// Where a task's result goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +54,8 @@ pub enum Output {
     },
     /// The evaluation of every model (`evaluation.json`).
     Evaluation,
+    /// The specialists' classes ([`distill::task::CLUSTERS_ARTIFACT`]).
+    Clusters,
 }
 
 /// One task of the plan.
@@ -59,8 +78,13 @@ pub struct PlannedTask {
 pub struct Plan {
     /// Tasks, dependencies first.
     pub tasks: Vec<PlannedTask>,
-    /// Teacher names, in the transfer set's order.
+    /// Teacher models (with specialists, the one generalist).
     pub teachers: Vec<String>,
+    /// Specialist models (none without `[specialists]`).
+    pub specialists: Vec<String>,
+    /// What the transfer set holds, in its order: the teachers' logits,
+    /// then with specialists the combination's `ln q`.
+    pub transfer_teachers: Vec<String>,
     /// Number of transfer-set shards.
     pub shards: usize,
 }
@@ -111,9 +135,73 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         output: Output::Model(BASELINE.into()),
     });
     let baseline_task = tasks.len() - 1;
+    let generalist = &teachers[0];
+    let mut specialist_tasks = Vec::new();
+    let mut specialists = Vec::new();
+    let mut combined = None;
+    if let Some(spec) = &cfg.specialists {
+        tasks.push(PlannedTask {
+            id: CLUSTER.into(),
+            spec: TaskSpec::Cluster(ClusterTask {
+                generalist: generalist.clone(),
+                specialists: spec.count,
+                classes_per_specialist: spec.classes_per_specialist,
+                seed: derive_seed(cfg.seed, CLUSTER),
+            }),
+            deps: vec![0],
+            inputs: vec![DATASET_ARTIFACT.into(), model_artifact(generalist)],
+            output: Output::Clusters,
+        });
+        let cluster_task = tasks.len() - 1;
+        for m in 0..spec.count {
+            let name = specialist_name(m);
+            specialist_tasks.push(tasks.len());
+            tasks.push(PlannedTask {
+                id: name.clone(),
+                spec: TaskSpec::Specialist(SpecialistTask {
+                    model: name.clone(),
+                    index: m,
+                    generalist: generalist.clone(),
+                    train: TrainConfig {
+                        seed: derive_seed(cfg.seed, &name),
+                        ..spec.train.clone()
+                    },
+                }),
+                deps: vec![0, cluster_task],
+                inputs: vec![
+                    DATASET_ARTIFACT.into(),
+                    model_artifact(generalist),
+                    CLUSTERS_ARTIFACT.into(),
+                ],
+                output: Output::Model(name.clone()),
+            });
+            specialists.push(name);
+        }
+        specialist_tasks.push(cluster_task);
+        combined = Some(CombinedSpec {
+            name: COMBINED.into(),
+            generalist: generalist.clone(),
+            specialists: specialists.clone(),
+            top_n: spec.top_n,
+        });
+    }
+    // What a task using the combination reads besides the generalist.
+    let combined_inputs: Vec<String> = if combined.is_some() {
+        specialists
+            .iter()
+            .map(|m| model_artifact(m))
+            .chain(std::iter::once(CLUSTERS_ARTIFACT.to_string()))
+            .collect()
+    } else {
+        vec![]
+    };
+    let mut transfer_teachers = teachers.clone();
+    transfer_teachers.extend(combined.as_ref().map(|c| c.name.clone()));
     let shards = cfg.transfer_shards.min(train_len.max(1));
     let mut infer_tasks = Vec::new();
     let teacher_inputs: Vec<String> = teachers.iter().map(|t| model_artifact(t)).collect();
+    let mut infer_deps = teacher_tasks.clone();
+    infer_deps.extend(&specialist_tasks);
     for (index, range) in shard_ranges(train_len, shards)?.into_iter().enumerate() {
         infer_tasks.push(tasks.len());
         tasks.push(PlannedTask {
@@ -123,10 +211,12 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 start: range.start,
                 end: range.end,
                 teachers: teachers.clone(),
+                combined: combined.clone(),
             }),
-            deps: teacher_tasks.clone(),
+            deps: infer_deps.clone(),
             inputs: std::iter::once(DATASET_ARTIFACT.to_string())
                 .chain(teacher_inputs.iter().cloned())
+                .chain(combined_inputs.iter().cloned())
                 .collect(),
             output: Output::Shard { index, range },
         });
@@ -136,22 +226,40 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         TRANSFER_MANIFEST_ARTIFACT.into(),
     ];
     student_inputs.extend((0..infer_tasks.len()).map(shard_artifact));
-    tasks.push(PlannedTask {
-        id: STUDENT.into(),
-        spec: train(
-            STUDENT,
-            &cfg.student.hidden,
-            &cfg.student.train,
-            Some(cfg.student.distill.clone()),
-            false,
-        ),
-        deps: infer_tasks,
-        inputs: student_inputs,
-        output: Output::Model(STUDENT.into()),
-    });
-    let student_task = tasks.len() - 1;
+    // Each student learns from the teachers, or from the combination.
+    let mut students = vec![(STUDENT, teachers.clone())];
+    if let Some(c) = &combined {
+        students.push((STUDENT_COMBINED, vec![c.name.clone()]));
+    }
+    let mut student_tasks = Vec::new();
+    for (name, learns_from) in &students {
+        let distill = DistillConfig {
+            // Only a transfer set holding more than the teachers needs a
+            // selection (and without one the spec stays as before).
+            teachers: if combined.is_some() {
+                learns_from.clone()
+            } else {
+                cfg.student.distill.teachers.clone()
+            },
+            ..cfg.student.distill.clone()
+        };
+        student_tasks.push(tasks.len());
+        tasks.push(PlannedTask {
+            id: name.to_string(),
+            spec: train(
+                name,
+                &cfg.student.hidden,
+                &cfg.student.train,
+                Some(distill),
+                false,
+            ),
+            deps: infer_tasks.clone(),
+            inputs: student_inputs.clone(),
+            output: Output::Model(name.to_string()),
+        });
+    }
     let mut models = teachers.clone();
-    models.push(STUDENT.into());
+    models.extend(students.iter().map(|(name, _)| name.to_string()));
     models.push(BASELINE.into());
     let ensemble = (teachers.len() > 1).then(|| EnsembleSpec {
         name: ENSEMBLE.into(),
@@ -159,7 +267,9 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         combine: cfg.student.distill.combine,
     });
     let mut deps = teacher_tasks;
-    deps.extend([baseline_task, student_task]);
+    deps.push(baseline_task);
+    deps.extend(&specialist_tasks);
+    deps.extend(&student_tasks);
     tasks.push(PlannedTask {
         id: EVALUATE.into(),
         spec: TaskSpec::Evaluate(EvaluateTask {
@@ -174,16 +284,20 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                     classes: a.classes.clone(),
                     shift: a.shift,
                 }),
+            combined,
         }),
         deps,
         inputs: std::iter::once(DATASET_ARTIFACT.to_string())
             .chain(models.iter().map(|m| model_artifact(m)))
+            .chain(combined_inputs)
             .collect(),
         output: Output::Evaluation,
     });
     Ok(Plan {
         tasks,
         teachers,
+        specialists,
+        transfer_teachers,
         shards,
     })
 }
@@ -268,5 +382,67 @@ mod tests {
     fn shard_count_depends_on_the_config_only_and_is_capped_by_examples() {
         assert_eq!(plan(&config(1, 4), 1000).unwrap().shards, 4);
         assert_eq!(plan(&config(1, 50), 7).unwrap().shards, 7);
+    }
+
+    #[test]
+    fn specialists_add_clustering_specialist_tasks_and_a_second_student() {
+        let text = "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
+                    [teachers]\nhidden = [8]\n[student]\nhidden = [4]\n[specialists]\ncount = 2\ntop_n = 2\n";
+        let cfg = ClusterConfig::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
+        let p = plan(&cfg, 10).unwrap();
+        let ids: Vec<&str> = p.tasks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "teacher-0",
+                "baseline",
+                "clusters",
+                "specialist-00",
+                "specialist-01",
+                "infer-00000",
+                "infer-00001",
+                "student",
+                "student-combined",
+                "evaluate"
+            ]
+        );
+        assert_eq!(p.specialists, ["specialist-00", "specialist-01"]);
+        assert_eq!(p.transfer_teachers, ["teacher-0", "combined"]);
+        assert_eq!(p.tasks[3].deps, vec![0, 2]);
+        assert!(p.tasks[3].inputs.contains(&CLUSTERS_ARTIFACT.to_string()));
+        // Inference needs the generalist, every specialist and the clusters.
+        assert_eq!(p.tasks[5].deps, vec![0, 3, 4, 2]);
+        match &p.tasks[5].spec {
+            TaskSpec::Infer(t) => {
+                let c = t.combined.as_ref().unwrap();
+                assert_eq!((c.name.as_str(), c.top_n), (COMBINED, 2));
+                assert_eq!(c.specialists, p.specialists);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Each student learns from its own part of the transfer set.
+        let learns_from = |i: usize| match &p.tasks[i].spec {
+            TaskSpec::Train(t) => t.distill.as_ref().unwrap().teachers.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(learns_from(7), ["teacher-0"]);
+        assert_eq!(learns_from(8), ["combined"]);
+        let seeds: Vec<u64> = [3, 4]
+            .iter()
+            .map(|&i| match &p.tasks[i].spec {
+                TaskSpec::Specialist(t) => t.train.seed,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_ne!(seeds[0], seeds[1]);
+        let evaluate = p.tasks.last().unwrap();
+        assert_eq!(evaluate.deps, vec![0, 1, 3, 4, 2, 7, 8]);
+        match &evaluate.spec {
+            TaskSpec::Evaluate(e) => {
+                assert!(e.combined.is_some());
+                assert!(e.models.contains(&STUDENT_COMBINED.to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -3,12 +3,15 @@
 
 use std::path::Path;
 
+use std::collections::HashMap;
+
+use distill::specialists::ensemble::Clusters;
 use distill::task::ModelEvaluation;
 use serde::Serialize;
 
 use crate::config::ClusterConfig;
 use crate::job::TaskRecord;
-use crate::plan::{BASELINE, ENSEMBLE, STUDENT};
+use crate::plan::{Plan, BASELINE, COMBINED, ENSEMBLE, STUDENT, STUDENT_COMBINED};
 
 /// `report.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +32,73 @@ pub struct Report {
     pub transfer_set: TransferSummary,
     /// Every model, teachers first, the primary student marked.
     pub models: Vec<ModelReport>,
+    /// With specialists: their classes, the paper's Table 4 and the
+    /// comparison of the generalist, the combination and both students.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specialists: Option<SpecialistsReport>,
+}
+
+/// The specialists' part of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct SpecialistsReport {
+    /// The classes of each specialist, in model order.
+    pub clusters: Vec<Vec<usize>>,
+    /// Specialists active per example: those covering any of the
+    /// generalist's `top_n` most probable classes.
+    pub top_n: usize,
+    /// The paper's Table 4: test examples grouped by how many specialists
+    /// cover their true class.
+    pub by_coverage: Vec<CoverageGroup>,
+    /// Test accuracy of the generalist alone.
+    pub generalist_test_accuracy: f64,
+    /// Test accuracy of the generalist+specialists combination.
+    pub combined_test_accuracy: f64,
+    /// `combined / generalist - 1` (the paper: +4.4% on JFT).
+    pub relative_accuracy_gain: f64,
+    /// Generalist, combination, student from the generalist, student from
+    /// the combination: test errors side by side.
+    pub comparison: Vec<ComparisonRow>,
+}
+
+/// One row of Table 4.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CoverageGroup {
+    /// Number of specialists covering the true class.
+    pub specialists_covering: usize,
+    /// Test examples whose true class is covered that many times.
+    pub test_examples: usize,
+    /// Of them, classified correctly by the generalist alone.
+    pub generalist_correct: usize,
+    /// Of them, classified correctly by the combination.
+    pub combined_correct: usize,
+    /// `combined_correct - generalist_correct`.
+    pub delta_correct: i64,
+    /// `delta_correct / generalist_correct` (0 when it has none right).
+    pub relative_accuracy_change: f64,
+}
+
+/// One model in the specialists comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct ComparisonRow {
+    /// What the model is.
+    pub what: String,
+    /// Its name in `models`.
+    pub model: String,
+    /// Test errors.
+    pub test_errors: usize,
+    /// Test accuracy.
+    pub test_accuracy: f64,
+}
+
+/// What the job's tasks produced, for the report.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcomes<'a> {
+    /// The evaluation task's results.
+    pub evaluations: &'a [ModelEvaluation],
+    /// Finished tasks' records by task id.
+    pub records: &'a HashMap<String, TaskRecord>,
+    /// The specialists' classes (jobs with specialists).
+    pub clusters: Option<&'a Clusters>,
 }
 
 /// The transfer set in the report.
@@ -51,7 +121,9 @@ pub struct TransferSummary {
 pub struct ModelReport {
     /// Its name.
     pub name: String,
-    /// `teacher`, `ensemble`, `student` or `baseline`.
+    /// `teacher`, `ensemble`, `student`, `baseline`, `specialist` (its
+    /// errors are on its own task: its classes + dustbin) or `combined`
+    /// (the generalist+specialists by eq. 5).
     pub role: String,
     /// The models it learned from (empty for hard-label models).
     pub teachers: Vec<String>,
@@ -110,19 +182,30 @@ pub struct SplitSizes {
 pub fn build(
     cfg: &ClusterConfig,
     sizes: SplitSizes,
-    teachers: &[String],
-    evaluations: &[ModelEvaluation],
-    records: &std::collections::HashMap<String, TaskRecord>,
+    plan: &Plan,
+    outcomes: Outcomes<'_>,
     transfer: TransferSummary,
     wall_seconds: f64,
 ) -> Report {
-    let arch = |hidden: &[usize]| {
+    let Outcomes {
+        evaluations,
+        records,
+        clusters,
+    } = outcomes;
+    let teachers = &plan.teachers[..];
+    let arch_to = |hidden: &[usize], outputs: usize| {
         std::iter::once(sizes.dim)
             .chain(hidden.iter().copied())
-            .chain(std::iter::once(sizes.classes))
+            .chain(std::iter::once(outputs))
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join("-")
+    };
+    let arch = |hidden: &[usize]| arch_to(hidden, sizes.classes);
+    let specialist_arch = |name: &str| {
+        let m = plan.specialists.iter().position(|s| s == name)?;
+        let covered = clusters?.clusters.get(m)?.len();
+        Some(arch_to(&cfg.teachers.hidden, covered + 1))
     };
     let models = evaluations
         .iter()
@@ -141,6 +224,27 @@ pub fn build(
                     teachers.to_vec(),
                     Some(cfg.student.distill.temperature),
                     arch(&cfg.student.hidden),
+                ),
+                STUDENT_COMBINED => (
+                    "student",
+                    vec![COMBINED.to_string()],
+                    Some(cfg.student.distill.temperature),
+                    arch(&cfg.student.hidden),
+                ),
+                COMBINED => (
+                    "combined",
+                    teachers.iter().chain(&plan.specialists).cloned().collect(),
+                    None,
+                    std::iter::once(arch(&cfg.teachers.hidden))
+                        .chain(plan.specialists.iter().filter_map(|s| specialist_arch(s)))
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                ),
+                _ if plan.specialists.iter().any(|s| s == name) => (
+                    "specialist",
+                    teachers.to_vec(),
+                    None,
+                    specialist_arch(name).unwrap_or_default(),
                 ),
                 BASELINE => ("baseline", vec![], None, arch(&cfg.student.hidden)),
                 ENSEMBLE => (
@@ -177,7 +281,7 @@ pub fn build(
                     .and_then(|s| s.pointer("/training/selected_epoch"))
                     .and_then(|v| v.as_u64())
                     .map(|v| v as usize),
-                file: (role != "ensemble" && !adjusted)
+                file: (role != "ensemble" && role != "combined" && !adjusted)
                     .then(|| format!("models/{name}.safetensors")),
                 bias_shift: e.bias_shift,
                 training_examples: summary
@@ -201,7 +305,8 @@ pub fn build(
                 cached: record.is_some_and(|r| r.cached),
             }
         })
-        .collect();
+        .collect::<Vec<ModelReport>>();
+    let specialists = clusters.and_then(|c| specialists_report(cfg, teachers, c, &models));
     Report {
         dataset: cfg.dataset.source.name().into(),
         seed: cfg.seed,
@@ -211,7 +316,81 @@ pub fn build(
         wall_seconds,
         transfer_set: transfer,
         models,
+        specialists,
     }
+}
+
+/// Table 4 and the comparison, from the per-class test errors of the
+/// generalist and the combination; `None` when either is missing.
+fn specialists_report(
+    cfg: &ClusterConfig,
+    teachers: &[String],
+    clusters: &Clusters,
+    models: &[ModelReport],
+) -> Option<SpecialistsReport> {
+    let find = |name: &str| models.iter().find(|m| m.name == name);
+    let generalist = find(teachers.first()?)?;
+    let combined = find(COMBINED)?;
+    let coverage = clusters.coverage();
+    let most = coverage.iter().copied().max().unwrap_or(0);
+    let correct = |m: &ModelReport, classes: &[usize]| -> usize {
+        classes
+            .iter()
+            .map(|&c| m.per_class_totals[c] - m.per_class_errors[c])
+            .sum()
+    };
+    let by_coverage = (0..=most)
+        .filter_map(|k| {
+            let classes: Vec<usize> = (0..coverage.len()).filter(|&c| coverage[c] == k).collect();
+            let test_examples: usize = classes
+                .iter()
+                .map(|&c| generalist.per_class_totals[c])
+                .sum();
+            if classes.is_empty() || test_examples == 0 {
+                return None;
+            }
+            let (g, q) = (correct(generalist, &classes), correct(combined, &classes));
+            let delta = q as i64 - g as i64;
+            Some(CoverageGroup {
+                specialists_covering: k,
+                test_examples,
+                generalist_correct: g,
+                combined_correct: q,
+                delta_correct: delta,
+                relative_accuracy_change: if g == 0 { 0.0 } else { delta as f64 / g as f64 },
+            })
+        })
+        .collect();
+    let row = |what: &str, name: &str| {
+        find(name).map(|m| ComparisonRow {
+            what: what.into(),
+            model: name.into(),
+            test_errors: m.test_errors,
+            test_accuracy: m.test_accuracy,
+        })
+    };
+    let comparison = [
+        row("generalist", &generalist.name),
+        row("generalist + specialists (eq. 5)", COMBINED),
+        row("student from the generalist", STUDENT),
+        row("student from generalist + specialists", STUDENT_COMBINED),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Some(SpecialistsReport {
+        clusters: clusters.clusters.clone(),
+        top_n: cfg.specialists.as_ref().map_or(1, |s| s.top_n),
+        by_coverage,
+        generalist_test_accuracy: generalist.test_accuracy,
+        combined_test_accuracy: combined.test_accuracy,
+        relative_accuracy_gain: if generalist.test_accuracy > 0.0 {
+            combined.test_accuracy / generalist.test_accuracy - 1.0
+        } else {
+            0.0
+        },
+        comparison,
+    })
 }
 
 impl Report {
@@ -250,6 +429,9 @@ impl Report {
                 m.train_seconds
             ));
         }
+        if let Some(sp) = &self.specialists {
+            s.push_str(&sp.to_markdown(self.test_examples));
+        }
         s
     }
 
@@ -258,6 +440,52 @@ impl Report {
         let json = serde_json::to_vec_pretty(self).expect("a report serialises");
         common::atomic_file::write_atomic(&dir.join("report.json"), &json)?;
         common::atomic_file::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
+    }
+}
+
+impl SpecialistsReport {
+    fn to_markdown(&self, test_examples: usize) -> String {
+        let mut s = format!(
+            "\n## Specialists\n\n{} specialists (active: those covering any of the generalist's top {} classes);              classes: {}.\n\n",
+            self.clusters.len(),
+            self.top_n,
+            self.clusters
+                .iter()
+                .map(|c| format!("{c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        s.push_str("| specialists covering the true class | test examples | generalist correct | combined correct | change in correct | relative accuracy change |\n");
+        s.push_str("|---|---|---|---|---|---|\n");
+        for g in &self.by_coverage {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {:+} | {:+.2}% |\n",
+                g.specialists_covering,
+                g.test_examples,
+                g.generalist_correct,
+                g.combined_correct,
+                g.delta_correct,
+                100.0 * g.relative_accuracy_change
+            ));
+        }
+        s.push_str(&format!(
+            "\nTest accuracy: generalist {:.2}%, generalist + specialists {:.2}% (relative gain {:+.2}%; the paper: +4.4% on JFT).\n\n",
+            100.0 * self.generalist_test_accuracy,
+            100.0 * self.combined_test_accuracy,
+            100.0 * self.relative_accuracy_gain
+        ));
+        s.push_str("| model | name | test errors | test accuracy |\n|---|---|---|---|\n");
+        for r in &self.comparison {
+            s.push_str(&format!(
+                "| {} | {} | {} / {} | {:.2}% |\n",
+                r.what,
+                r.model,
+                r.test_errors,
+                test_examples,
+                100.0 * r.test_accuracy
+            ));
+        }
+        s
     }
 }
 
@@ -342,12 +570,17 @@ mod tests {
             bytes: 100,
             dir: "transfer".into(),
         };
+        let plan = crate::plan::plan(&cfg, 80).unwrap();
+        assert_eq!(plan.teachers, teachers);
         let report = build(
             &cfg,
             sizes,
-            &teachers,
-            &evaluations,
-            &records,
+            &plan,
+            Outcomes {
+                evaluations: &evaluations,
+                records: &records,
+                clusters: None,
+            },
             transfer,
             9.0,
         );

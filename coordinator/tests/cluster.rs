@@ -348,3 +348,76 @@ fn a_bad_config_fails_at_once_naming_the_key() {
         "{err}"
     );
 }
+
+/// A generalist + specialists job: 12 classes in 4 planted groups of 3, one
+/// specialist per group, both students, through two worker processes.
+#[test]
+fn a_generalist_and_specialists_job_runs_to_completion() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 10);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("num_classes = 6", "num_classes = 12")
+        .replace("count = 2", "count = 1")
+        + "\n[specialists]\ncount = 4\n[specialists.train]\nepochs = 3\nbatch_size = 32\n";
+    std::fs::write(&config, text).unwrap();
+    let coordinator = Coordinator::start(&config);
+    let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(300));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    assert!(stdout.contains("## Specialists"), "{stdout}");
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
+    let specialists_started: Vec<usize> = workers
+        .lines
+        .try_iter()
+        .filter(|(_, l)| l.contains("task started") && l.contains("specialist-"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(specialists_started.len(), 4, "{specialists_started:?}");
+
+    let out = dir.path().join("out");
+    let report = read_report(&out);
+    let models = report["models"].as_array().unwrap();
+    let role_of = |name: &str| {
+        models
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in the report"))["role"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(role_of("teacher-0"), "teacher");
+    assert_eq!(role_of("combined"), "combined");
+    assert_eq!(role_of("student-combined"), "student");
+    for m in 0..4 {
+        let name = format!("specialist-{m:02}");
+        assert_eq!(role_of(&name), "specialist");
+        assert!(out.join(format!("models/{name}.safetensors")).is_file());
+    }
+    let sp = &report["specialists"];
+    let clusters: Vec<Vec<usize>> = serde_json::from_value(sp["clusters"].clone()).unwrap();
+    let mut covered: Vec<usize> = clusters.iter().flatten().copied().collect();
+    covered.sort();
+    assert_eq!(covered, (0..12).collect::<Vec<_>>(), "a partition");
+    // Table 4: with a partition every class is covered once.
+    let groups = sp["by_coverage"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["specialists_covering"], 1);
+    assert_eq!(groups[0]["test_examples"], 600);
+    assert_eq!(sp["comparison"].as_array().unwrap().len(), 4);
+    // The combination is a real classifier on 12 classes (chance: 1/12).
+    assert!(sp["combined_test_accuracy"].as_f64().unwrap() > 0.5, "{sp}");
+
+    // The transfer set holds the generalist's logits and ln q.
+    let set = TransferSet::open(&out.join("transfer")).unwrap();
+    assert_eq!(set.manifest().teachers, ["teacher-0", "combined"]);
+    for shard in set.shards() {
+        let shard = shard.unwrap();
+        for row in shard.logits[1].chunks(12) {
+            let total: f64 = row.iter().map(|&z| f64::from(z).exp()).sum();
+            assert!((total - 1.0).abs() < 1e-4, "ln q sums to 1: {total}");
+        }
+    }
+}

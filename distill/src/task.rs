@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::eval::{argmax_rows_host, evaluate, predict_logits, Evaluation, Predictor};
 use crate::hparams::{DistillConfig, TrainConfig};
 use crate::model::{Mlp, MlpSpec};
+use crate::specialists::clustering::confusable_clusters;
+use crate::specialists::ensemble::{log_probabilities, Clusters, SpecialistEnsemble};
+use crate::specialists::specialist::{relabel, train_specialist};
 use crate::subset::{kept_indices, ExampleSubset};
 use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
 use crate::{model_io, Error, Result};
@@ -27,6 +30,8 @@ use crate::{model_io, Error, Result};
 pub const DATASET_ARTIFACT: &str = "dataset";
 /// Artifact name of the transfer set's manifest.
 pub const TRANSFER_MANIFEST_ARTIFACT: &str = "transfer/manifest.json";
+/// Artifact name of the specialists' classes ([`Clusters`] as JSON).
+pub const CLUSTERS_ARTIFACT: &str = "specialists/clusters.json";
 
 /// Artifact name of the model called `name`.
 pub fn model_artifact(name: &str) -> String {
@@ -50,6 +55,59 @@ pub enum TaskSpec {
     /// Evaluate models on the validation and test splits; the output is a
     /// JSON list of [`ModelEvaluation`].
     Evaluate(EvaluateTask),
+    /// Cluster the classes the generalist confuses; the output is the
+    /// specialists' classes ([`Clusters`] as JSON).
+    Cluster(ClusterTask),
+    /// Train one specialist from the generalist; the output is its model
+    /// file (its classes, then the dustbin).
+    Specialist(SpecialistTask),
+}
+
+/// Which classes each specialist covers (paper, section 5): the generalist's
+/// predictions over the training split, their covariance, K-means.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTask {
+    /// The generalist model.
+    pub generalist: String,
+    /// Number of specialists (K-means clusters).
+    pub specialists: usize,
+    /// Classes per specialist (clusters may then overlap); `None`: the
+    /// K-means clusters themselves, which partition the classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes_per_specialist: Option<usize>,
+    /// Seed of K-means.
+    pub seed: u64,
+}
+
+/// Train specialist `index` of the clusters file, started from the
+/// generalist's weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialistTask {
+    /// The specialist's model name.
+    pub model: String,
+    /// Its cluster in [`CLUSTERS_ARTIFACT`].
+    pub index: usize,
+    /// The generalist it starts from.
+    pub generalist: String,
+    /// How to train it (its seed included).
+    pub train: TrainConfig,
+}
+
+/// The generalist and its specialists combined by eq. 5, as one model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CombinedSpec {
+    /// Its name (in the transfer set and the report).
+    pub name: String,
+    /// The generalist model.
+    pub generalist: String,
+    /// The specialist models, in the clusters file's order.
+    pub specialists: Vec<String>,
+    /// An example activates the specialists covering any of the
+    /// generalist's `top_n` most probable classes.
+    pub top_n: usize,
 }
 
 /// Train one model on hard labels, or distil it from the transfer set.
@@ -85,6 +143,10 @@ pub struct InferTask {
     pub end: usize,
     /// The teachers, in the transfer set's order.
     pub teachers: Vec<String>,
+    /// Also store the generalist+specialists distribution q, as logits
+    /// `ln q` under the combination's name, after the teachers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combined: Option<CombinedSpec>,
 }
 
 /// Evaluate trained models, and optionally their ensemble.
@@ -98,6 +160,10 @@ pub struct EvaluateTask {
     /// One of them evaluated again with some output biases shifted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bias_adjustment: Option<BiasAdjustment>,
+    /// The specialists (each on its own classes + dustbin) and the
+    /// generalist+specialists combination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combined: Option<CombinedSpec>,
 }
 
 /// A model's output-layer biases of some classes shifted by one amount,
@@ -177,6 +243,8 @@ pub struct TaskInputs<'a> {
     pub models: HashMap<String, Vec<u8>>,
     /// A folder holding the transfer set, for distillation.
     pub transfer_dir: Option<PathBuf>,
+    /// The specialists' classes ([`CLUSTERS_ARTIFACT`]).
+    pub clusters: Option<Clusters>,
 }
 
 /// What a task produced.
@@ -196,6 +264,8 @@ impl TaskSpec {
             TaskSpec::Train(t) => format!("train {}", t.model),
             TaskSpec::Infer(t) => format!("infer shard {} ({}..{})", t.shard, t.start, t.end),
             TaskSpec::Evaluate(t) => format!("evaluate {} models", t.models.len()),
+            TaskSpec::Cluster(t) => format!("cluster classes for {} specialists", t.specialists),
+            TaskSpec::Specialist(t) => format!("train specialist {}", t.model),
         }
     }
 
@@ -211,6 +281,8 @@ impl TaskSpec {
             TaskSpec::Train(t) => run_train(t, inputs, device, observer),
             TaskSpec::Infer(t) => run_infer(t, inputs, device, observer),
             TaskSpec::Evaluate(t) => run_evaluate(t, inputs, device, observer),
+            TaskSpec::Cluster(t) => run_cluster(t, inputs, device, observer),
+            TaskSpec::Specialist(t) => run_specialist(t, inputs, device, observer),
         }
     }
 }
@@ -359,20 +431,24 @@ fn run_infer(
     let train = &inputs.splits.train;
     let rows = task.start..task.end;
     let started = Instant::now();
-    let mut logits = Vec::with_capacity(task.teachers.len());
+    let mut logits = Vec::with_capacity(task.teachers.len() + 1);
     for (k, name) in task.teachers.iter().enumerate() {
         let model = load_model(inputs, name, device)?;
         logits.push(Predictor::new(&model, device)?.logits_of(train, rows.clone())?);
         tick(observer, k + 1, started, rows.len() * (k + 1))?;
     }
+    let mut names = task.teachers.clone();
+    if let Some(combined) = &task.combined {
+        let models = CombinedModels::load(combined, inputs, device)?;
+        let q = models
+            .ensemble(combined, device)?
+            .combined(train, rows.clone())?;
+        logits.push(log_probabilities(&q));
+        names.push(combined.name.clone());
+        tick(observer, names.len(), started, rows.len() * names.len())?;
+    }
     let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-    let payload = encode_shard(
-        task.start,
-        rows.len(),
-        train.num_classes(),
-        &task.teachers,
-        &views,
-    )?;
+    let payload = encode_shard(task.start, rows.len(), train.num_classes(), &names, &views)?;
     Ok(TaskOutput {
         payload,
         summary: serde_json::json!({ "seconds": started.elapsed().as_secs_f64() }),
@@ -432,6 +508,9 @@ fn run_evaluate(
             bias_shift: None,
         });
     }
+    if let Some(combined) = &task.combined {
+        results.extend(evaluate_combined(combined, inputs, device)?);
+    }
     if let Some(adjustment) = &task.bias_adjustment {
         let model = models.get(&adjustment.model).ok_or_else(|| {
             Error::invalid(
@@ -446,6 +525,201 @@ fn run_evaluate(
         payload,
         summary: serde_json::json!({ "seconds": started.elapsed().as_secs_f64() }),
     })
+}
+
+/// A generalist and its specialists, loaded with their classes.
+struct CombinedModels<'a> {
+    generalist: Mlp,
+    specialists: Vec<Mlp>,
+    clusters: &'a Clusters,
+}
+
+impl<'a> CombinedModels<'a> {
+    fn load(spec: &CombinedSpec, inputs: &'a TaskInputs<'_>, device: &Device) -> Result<Self> {
+        let clusters = inputs.clusters.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "task inputs",
+                format!("{} needs the specialists' classes", spec.name),
+            )
+        })?;
+        let specialists = spec
+            .specialists
+            .iter()
+            .map(|name| load_specialist(inputs, name, device))
+            .collect::<Result<_>>()?;
+        Ok(CombinedModels {
+            generalist: load_model(inputs, &spec.generalist, device)?,
+            specialists,
+            clusters,
+        })
+    }
+
+    fn ensemble(
+        &'a self,
+        spec: &CombinedSpec,
+        device: &'a Device,
+    ) -> Result<SpecialistEnsemble<'a>> {
+        SpecialistEnsemble::new(
+            &self.generalist,
+            &self.specialists,
+            self.clusters,
+            spec.top_n,
+            device,
+        )
+    }
+}
+
+/// Each specialist evaluated on its own task (its classes + dustbin, on
+/// the relabelled splits), then the combination on the real one.
+fn evaluate_combined(
+    spec: &CombinedSpec,
+    inputs: &TaskInputs<'_>,
+    device: &Device,
+) -> Result<Vec<ModelEvaluation>> {
+    let splits = inputs.splits;
+    let models = CombinedModels::load(spec, inputs, device)?;
+    let mut results = Vec::with_capacity(spec.specialists.len() + 1);
+    for ((name, model), classes) in spec
+        .specialists
+        .iter()
+        .zip(&models.specialists)
+        .zip(&models.clusters.clusters)
+    {
+        results.push(ModelEvaluation {
+            name: name.clone(),
+            params: parameter_count(model.spec()),
+            validation_errors: evaluate(model, &relabel(&splits.validation, classes)?, device)?
+                .errors,
+            test: evaluate(model, &relabel(&splits.test, classes)?, device)?,
+            bias_shift: None,
+        });
+    }
+    let ensemble = models.ensemble(spec, device)?;
+    let classes = splits.test.num_classes();
+    let predict = |data: &common::dataset::Dataset| -> Result<Vec<u32>> {
+        let q = ensemble.combined(data, 0..data.len())?;
+        let q: Vec<f32> = q.into_iter().map(|p| p as f32).collect();
+        Ok(argmax_rows_host(&q, classes))
+    };
+    let validation = Evaluation::from_predictions(
+        splits.validation.labels(),
+        &predict(&splits.validation)?,
+        classes,
+    );
+    results.push(ModelEvaluation {
+        name: spec.name.clone(),
+        params: parameter_count(models.generalist.spec())
+            + models
+                .specialists
+                .iter()
+                .map(|m| parameter_count(m.spec()))
+                .sum::<usize>(),
+        validation_errors: validation.errors,
+        test: Evaluation::from_predictions(splits.test.labels(), &predict(&splits.test)?, classes),
+        bias_shift: None,
+    });
+    Ok(results)
+}
+
+/// A specialist's model file (its outputs are its classes + dustbin, so it
+/// is not checked against the data's classes, only its input).
+fn load_specialist(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+    let bytes = inputs
+        .models
+        .get(name)
+        .ok_or_else(|| Error::invalid("task inputs", format!("model {name} was not provided")))?;
+    let model = model_io::from_bytes(bytes, Path::new(&model_artifact(name)), device)?.model;
+    if model.spec().input_dim != inputs.splits.train.dim() {
+        return Err(Error::invalid(
+            "specialist",
+            format!(
+                "{name} reads {} features, the data has {}",
+                model.spec().input_dim,
+                inputs.splits.train.dim()
+            ),
+        ));
+    }
+    Ok(model)
+}
+
+fn run_cluster(
+    task: &ClusterTask,
+    inputs: &TaskInputs<'_>,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+) -> Result<TaskOutput> {
+    let train = &inputs.splits.train;
+    let classes = train.num_classes();
+    let started = Instant::now();
+    let generalist = load_model(inputs, &task.generalist, device)?;
+    let logits = Predictor::new(&generalist, device)?.logits(train)?;
+    let probs = soft_targets(&[&logits], classes, 1.0, EnsembleCombine::Arithmetic)?;
+    tick(observer, 1, started, train.len())?;
+    if task.specialists < 2 || task.specialists > classes {
+        return Err(Error::invalid(
+            "specialists",
+            format!(
+                "{} specialists for {classes} classes; need 2 to {classes}",
+                task.specialists
+            ),
+        ));
+    }
+    let clusters = Clusters {
+        num_classes: classes,
+        clusters: confusable_clusters(
+            &probs,
+            classes,
+            task.specialists,
+            task.classes_per_specialist,
+            &mut seed::rng(task.seed, Stream::Clustering),
+        ),
+    };
+    clusters.validate()?;
+    tracing::info!(clusters = ?clusters.clusters, "classes clustered for the specialists");
+    Ok(TaskOutput {
+        payload: serde_json::to_vec_pretty(&clusters).expect("clusters serialise"),
+        summary: serde_json::json!({
+            "seconds": started.elapsed().as_secs_f64(),
+            "clusters": clusters.clusters,
+        }),
+    })
+}
+
+fn run_specialist(
+    task: &SpecialistTask,
+    inputs: &TaskInputs<'_>,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+) -> Result<TaskOutput> {
+    let splits = inputs.splits;
+    let clusters = inputs.clusters.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "task inputs",
+            format!("{} needs the specialists' classes", task.model),
+        )
+    })?;
+    let classes = clusters.clusters.get(task.index).ok_or_else(|| {
+        Error::invalid(
+            "specialist index",
+            format!("{} of {} clusters", task.index, clusters.clusters.len()),
+        )
+    })?;
+    let generalist = load_model(inputs, &task.generalist, device)?;
+    let started = Instant::now();
+    let (model, training) =
+        train_specialist(&generalist, classes, splits, &task.train, device, observer)?;
+    let summary = serde_json::json!({
+        "train_seconds": started.elapsed().as_secs_f64(),
+        "examples": training.examples_per_epoch,
+        "classes": classes,
+        "own_examples": training.own_examples,
+        "natural_dustbin": training.natural_dustbin,
+        "trained_dustbin": training.trained_dustbin,
+        "dustbin_correction": training.dustbin_correction,
+        "training": training.training,
+    });
+    let payload = model_io::to_bytes(&model, splits.train.normalization())?;
+    Ok(TaskOutput { payload, summary })
 }
 
 /// Evaluates `model` with the output biases of `adjustment.classes` moved
@@ -591,6 +865,7 @@ mod tests {
             splits: &splits,
             models: HashMap::new(),
             transfer_dir: None,
+            clusters: None,
         };
         let teacher = run(&train_spec("teacher-0", None), &none);
         assert_eq!(
@@ -603,6 +878,7 @@ mod tests {
             splits: &splits,
             models,
             transfer_dir: None,
+            clusters: None,
         };
         let n = splits.train.len();
         let infer = TaskSpec::Infer(InferTask {
@@ -610,6 +886,7 @@ mod tests {
             start: 0,
             end: n,
             teachers: vec!["teacher-0".into()],
+            combined: None,
         });
         let shard = run(&infer, &with_teacher).payload;
         let dir = tempfile::tempdir().unwrap();
@@ -639,6 +916,7 @@ mod tests {
             splits: &splits,
             models: HashMap::new(),
             transfer_dir: Some(dir.path().into()),
+            clusters: None,
         };
         let student = run(
             &train_spec("student", Some(DistillConfig::default())),
@@ -653,6 +931,7 @@ mod tests {
             splits: &splits,
             models,
             transfer_dir: None,
+            clusters: None,
         };
         let eval = TaskSpec::Evaluate(EvaluateTask {
             models: vec!["teacher-0".into(), "student".into()],
@@ -666,6 +945,7 @@ mod tests {
                 classes: vec![1],
                 shift: BiasShift::Chosen(ChooseOn::Validation),
             }),
+            combined: None,
         });
         let results: Vec<ModelEvaluation> =
             serde_json::from_slice(&run(&eval, &eval_inputs).payload).unwrap();
@@ -711,6 +991,7 @@ mod tests {
             splits: &splits,
             models: HashMap::new(),
             transfer_dir: None,
+            clusters: None,
         };
         let spec = TaskSpec::Train(TrainTask {
             subset: Some(ExampleSubset {
@@ -748,12 +1029,14 @@ mod tests {
             splits: &splits,
             models: HashMap::new(),
             transfer_dir: None,
+            clusters: None,
         };
         let infer = TaskSpec::Infer(InferTask {
             shard: 0,
             start: 0,
             end: 10,
             teachers: vec!["t".into()],
+            combined: None,
         });
         let err = infer
             .execute(&none, &Device::Cpu, &mut Count(0))

@@ -12,8 +12,10 @@ use anyhow::Context;
 use candle_core::Device;
 use common::dataset::bundle::decode_splits;
 use common::dataset::Splits;
+use distill::specialists::ensemble::Clusters;
 use distill::task::{
-    TaskInputs, TaskOutput, TaskSpec, DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+    TaskInputs, TaskOutput, TaskSpec, CLUSTERS_ARTIFACT, DATASET_ARTIFACT,
+    TRANSFER_MANIFEST_ARTIFACT,
 };
 use distill::train::{EpochStats, StepProgress, TrainObserver};
 use proto::pb;
@@ -215,11 +217,15 @@ async fn execute(
     let mut models = HashMap::new();
     let mut transfer_files = Vec::new();
     let mut dataset = None;
+    let mut clusters = None;
     for input in &assignment.inputs {
         if input.name == DATASET_ARTIFACT {
             dataset = Some(input);
         } else if let Some(model) = input.name.strip_prefix("models/") {
             models.insert(model.to_string(), fetch(client, state, input).await?);
+        } else if input.name == CLUSTERS_ARTIFACT {
+            let bytes = fetch(client, state, input).await?;
+            clusters = Some(Clusters::from_json(&bytes, CLUSTERS_ARTIFACT)?);
         } else if input.name.starts_with("transfer/") {
             fetch(client, state, input).await?;
             transfer_files.push(input.clone());
@@ -249,6 +255,8 @@ async fn execute(
         TaskSpec::Train(_) => "training",
         TaskSpec::Infer(_) => "inference",
         TaskSpec::Evaluate(_) => "evaluation",
+        TaskSpec::Cluster(_) => "clustering",
+        TaskSpec::Specialist(_) => "training",
     };
     let mut observer = Observer {
         progress,
@@ -263,6 +271,7 @@ async fn execute(
             splits: &splits,
             models,
             transfer_dir,
+            clusters,
         };
         spec.execute(&inputs, &device, &mut observer)
     })
