@@ -235,10 +235,11 @@ pub fn build(
                     "combined",
                     teachers.iter().chain(&plan.specialists).cloned().collect(),
                     None,
-                    std::iter::once(arch(&cfg.teachers.hidden))
-                        .chain(plan.specialists.iter().filter_map(|s| specialist_arch(s)))
-                        .collect::<Vec<_>>()
-                        .join("+"),
+                    format!(
+                        "{} + {} specialists",
+                        arch(&cfg.teachers.hidden),
+                        plan.specialists.len()
+                    ),
                 ),
                 _ if plan.specialists.iter().any(|s| s == name) => (
                     "specialist",
@@ -446,7 +447,7 @@ impl Report {
 impl SpecialistsReport {
     fn to_markdown(&self, test_examples: usize) -> String {
         let mut s = format!(
-            "\n## Specialists\n\n{} specialists (active: those covering any of the generalist's top {} classes);              classes: {}.\n\n",
+            "\n## Specialists\n\n{} specialists (active: those covering any of the generalist's top {} classes); classes: {}.\n\n",
             self.clusters.len(),
             self.top_n,
             self.clusters
