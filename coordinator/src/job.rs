@@ -572,9 +572,16 @@ mod tests {
     const SECOND: Duration = Duration::from_secs(1);
 
     fn job(dir: &std::path::Path) -> Job {
-        let text = "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
-                    [teachers]\nhidden = [4]\n[student]\nhidden = [4]\n";
-        let cfg = ClusterConfig::parse(text, std::path::Path::new("c.toml"), dir).unwrap();
+        job_with(dir, "")
+    }
+
+    /// A job with `extra` appended to a minimal config.
+    fn job_with(dir: &std::path::Path, extra: &str) -> Job {
+        let text = format!(
+            "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
+             [teachers]\nhidden = [4]\n[student]\nhidden = [4]\n{extra}"
+        );
+        let cfg = ClusterConfig::parse(&text, std::path::Path::new("c.toml"), dir).unwrap();
         let plan = crate::plan::plan(&cfg, 10).unwrap();
         let mut store = ArtifactStore::new(dir);
         store.put("dataset", b"splits").unwrap();
@@ -749,5 +756,52 @@ mod tests {
             std::fs::read(second_dir.path().join("models/teacher-0.safetensors")).unwrap(),
             bytes
         );
+    }
+
+    #[test]
+    fn clusters_that_do_not_fit_the_job_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job_with(dir.path(), "[specialists]\ncount = 2\n");
+        let w = job.register(caps(), Duration::ZERO);
+        for _ in 0..2 {
+            let t = leased(&mut job, &w, SECOND);
+            let i = job.scheduler.index_of(&t.task_id).unwrap();
+            job.scheduler.complete(i, t.attempt).unwrap();
+            job.store
+                .put(&distill::task::model_artifact(&t.task_id), b"model")
+                .unwrap();
+        }
+        let task = leased(&mut job, &w, SECOND);
+        assert_eq!(task.task_id, "clusters");
+        for (bad, why) in [
+            (&b"not json"[..], "not a clusters file"),
+            (
+                br#"{"num_classes": 3, "clusters": [[0], [1], [2]]}"#,
+                "3 clusters",
+            ),
+            (
+                br#"{"num_classes": 3, "clusters": [[0], [5]]}"#,
+                "class 5 does not exist",
+            ),
+            (
+                br#"{"num_classes": 4, "clusters": [[0], [1]]}"#,
+                "over 4 classes",
+            ),
+        ] {
+            let err = job
+                .accept_result(&header(&w, &task, bad), bad, SECOND)
+                .unwrap_err();
+            assert!(matches!(err, JobError::BadResult { .. }), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        assert!(job.store.get(CLUSTERS_ARTIFACT).is_none());
+        let good = br#"{"num_classes": 3, "clusters": [[0, 2], [1]]}"#;
+        job.accept_result(&header(&w, &task, good), good, SECOND)
+            .unwrap();
+        assert_eq!(
+            job.clusters.as_ref().unwrap().clusters,
+            vec![vec![0, 2], vec![1]]
+        );
+        assert!(dir.path().join("specialists/clusters.json").is_file());
     }
 }

@@ -37,8 +37,8 @@ impl ArtifactStore {
 
     /// The file an artifact called `name` lives in: `dataset` →
     /// `dataset.safetensors`, `models/<m>` → `models/<m>.safetensors`,
-    /// `transfer/<file>` → `transfer/<file>`, `evaluation` →
-    /// `evaluation.json`. Names are made by the planner, never by workers.
+    /// `transfer/<file>` → `transfer/<file>`, `specialists/clusters.json`
+    /// → itself, `evaluation` → `evaluation.json`. Names are made by the planner, never by workers.
     pub fn path_for(&self, name: &str) -> PathBuf {
         match name {
             "dataset" => self.root.join("dataset.safetensors"),

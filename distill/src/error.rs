@@ -13,6 +13,18 @@ pub enum Error {
     /// The caller stopped the work (a worker that lost its lease, a signal).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// Training blew up: an epoch's mean loss is not a finite number, so the
+    /// weights are no longer usable.
+    #[error(
+        "training diverged: the mean loss of epoch {epoch} is {loss}; \
+         lower the learning rate (or set max_norm)"
+    )]
+    Diverged {
+        /// The 1-based epoch.
+        epoch: usize,
+        /// Its mean loss (NaN or infinite).
+        loss: f64,
+    },
 }
 
 /// Result with this crate's [`Error`].

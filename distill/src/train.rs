@@ -358,6 +358,12 @@ pub(crate) fn train_on_path(
             }
         }
         step.loss.read()?;
+        if !step.loss.mean().is_finite() {
+            return Err(Error::Diverged {
+                epoch,
+                loss: step.loss.mean(),
+            });
+        }
         let seconds = started.elapsed().as_secs_f64();
         step.write_back()?;
         let validation_errors = evaluate(model, validation, device)?.errors;
@@ -776,6 +782,48 @@ mod tests {
     use super::*;
     use crate::model::MlpSpec;
     use common::dataset::synthetic::SyntheticSpec;
+
+    /// A learning rate far too large blows the weights up; training stops
+    /// with an error that says so instead of returning NaN weights.
+    #[test]
+    fn a_diverging_run_fails_with_a_clear_error() {
+        let data = SyntheticSpec {
+            train_size: 500,
+            test_size: 100,
+            ..SyntheticSpec::default()
+        };
+        let (train_set, validation) = data.generate().unwrap();
+        let spec = MlpSpec::new(train_set.dim(), vec![32], train_set.num_classes()).unwrap();
+        for path in [StepPath::Fused, StepPath::Autograd] {
+            let model =
+                Mlp::new_random(spec.clone(), &mut seed::rng(1, Stream::Init), &Device::Cpu)
+                    .unwrap();
+            let cfg = TrainConfig {
+                epochs: 3,
+                learning_rate: 1e6,
+                warmup_epochs: 0,
+                ..TrainConfig::default()
+            };
+            struct Quiet;
+            impl TrainObserver for Quiet {}
+            let err = train_on_path(
+                &model,
+                &train_set,
+                &validation,
+                Targets::Labels,
+                &cfg,
+                &Device::Cpu,
+                &mut Quiet,
+                path,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, Error::Diverged { epoch: 1, .. }),
+                "{path:?}: {err}"
+            );
+            assert!(err.to_string().contains("lower the learning rate"), "{err}");
+        }
+    }
 
     /// The fused path and the autograd path, trained for a few epochs from
     /// the same seed on the same data with dropout and max-norm, end within
