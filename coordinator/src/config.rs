@@ -733,6 +733,20 @@ hidden = [16]
     }
 
     #[test]
+    fn every_example_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                ClusterConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "{seen} example configs in {}", dir.display());
+    }
+
+    #[test]
     fn model_tables_refuse_a_seed_of_their_own() {
         let err = parse(&format!("{MINIMAL}\n[teachers.train]\nseed = 5")).unwrap_err();
         assert!(err.to_string().contains("`teachers.train.seed`"), "{err}");

@@ -86,6 +86,13 @@ pub fn kmeans<R: Rng>(
     best.map(|(_, a)| a).unwrap_or_default()
 }
 
+/// K-means runs from different k-means++ seeds, the best kept. On the
+/// 100-class synthetic benchmark the clusters of the best of 10 runs had a
+/// within-cluster sum of squares of 68.3 and a numpy check of 100 runs
+/// found 66.8; the planted groups have 63.8, which k-means++ seeds rarely
+/// reach in 100 dimensions.
+const KMEANS_RESTARTS: usize = 100;
+
 /// Upper bound on Lloyd's iterations per K-means run.
 const MAX_LLOYD_ITERATIONS: usize = 300;
 
@@ -216,7 +223,7 @@ pub fn confusable_clusters<R: Rng>(
 ) -> Vec<Vec<usize>> {
     let cov = correlation(&prediction_covariance(probs, classes), classes);
     // The matrix is symmetric: its columns are its rows.
-    let assignment = kmeans(&cov, classes, k, 10, rng);
+    let assignment = kmeans(&cov, classes, k, KMEANS_RESTARTS, rng);
     let mut clusters = vec![Vec::new(); k];
     for (class, &cluster) in assignment.iter().enumerate() {
         clusters[cluster].push(class);
