@@ -18,6 +18,8 @@ echo "== CUDA libraries the loader finds (candle links cuBLAS, cuRAND, NVRTC)"
 ldconfig -p | grep -E 'lib(cublas|cublasLt|curand|nvrtc|cudart)\.so' || echo "  none listed by ldconfig"
 export LD_LIBRARY_PATH="$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DATASETS_DIR="$BUNDLE/datasets"
+# The coordinator and the worker share a fresh cluster token.
+export DISTILL_CLUSTER_TOKEN="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 sed "s#^output_dir = .*#output_dir = \"$OUT_DIR/job\"#" bench/gpu/mnist-gpu.toml > "$OUT_DIR/cluster.toml"
 "$BUNDLE/coordinator" --config "$OUT_DIR/cluster.toml" --listen 127.0.0.1:0 \

@@ -72,6 +72,18 @@ impl DatasetSource {
     }
 }
 
+/// Whether calls to the coordinator must carry the cluster token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Authentication {
+    /// Every call except the health service needs the token, read from
+    /// `--token-file` or `DISTILL_CLUSTER_TOKEN` (never from this file).
+    #[default]
+    Token,
+    /// No authentication: anyone who reaches the port may act as a worker.
+    Off,
+}
+
 /// `[dataset]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,6 +224,9 @@ pub struct ClusterConfig {
     /// Seed of every random choice of the job.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `"token"` (the default) or `"off"`, which must be said explicitly.
+    #[serde(default)]
+    pub authentication: Authentication,
     /// Shards of the transfer set (and teacher-inference tasks); never
     /// derived from the number of workers.
     #[serde(default = "default_shards")]

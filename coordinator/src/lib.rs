@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use common::dataset::bundle::encode_splits;
 use distill::task::DATASET_ARTIFACT;
+use proto::auth::{RequireToken, Token, TOKEN_ENV};
 use proto::pb::coordinator_server::CoordinatorServer;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::ClusterConfig;
 use crate::job::Job;
@@ -46,6 +48,8 @@ pub struct Options {
     pub local_worker_threads: usize,
     /// Log format, passed on to local workers.
     pub log_format: common::logging::LogFormat,
+    /// File holding the cluster token (else `DISTILL_CLUSTER_TOKEN`).
+    pub token_file: Option<PathBuf>,
 }
 
 /// How a job ended.
@@ -62,6 +66,7 @@ pub struct Outcome {
 pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let cfg = ClusterConfig::load(&opts.config)?;
+    let token = cluster_token(&cfg, &opts)?;
     let listen = opts.listen.clone().unwrap_or_else(|| cfg.listen.clone());
     let listen: SocketAddr = listen
         .parse()
@@ -163,9 +168,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(CoordinatorServer::new(CoordinatorService::new(
-                shared.clone(),
-            )))
+            .add_service(InterceptedService::new(
+                CoordinatorServer::new(CoordinatorService::new(shared.clone())),
+                RequireToken::new(token.clone()),
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -177,6 +183,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             opts.local_worker_threads,
             opts.log_format,
             &url,
+            token.as_ref(),
             &out.join("scratch"),
         )?)
     } else {
@@ -265,6 +272,34 @@ async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The token every call must carry: from `--token-file` or the
+/// environment; made up for a job whose only workers are local; `None` when
+/// the config switches authentication off. Without one, refuses to start.
+fn cluster_token(cfg: &ClusterConfig, opts: &Options) -> anyhow::Result<Option<Token>> {
+    let given = Token::from_file_or_env(opts.token_file.as_deref()).map_err(anyhow::Error::msg)?;
+    match (cfg.authentication, given) {
+        (config::Authentication::Off, given) => {
+            if given.is_some() {
+                tracing::warn!(
+                    "authentication = \"off\" in the config: the given token is not used"
+                );
+            }
+            tracing::warn!("authentication is off: anyone who reaches the port can join the job");
+            Ok(None)
+        }
+        (config::Authentication::Token, Some(token)) => Ok(Some(token)),
+        (config::Authentication::Token, None) if opts.local_workers > 0 => {
+            tracing::info!("no cluster token given: made one for the local workers");
+            Ok(Some(Token::generate()))
+        }
+        (config::Authentication::Token, None) => anyhow::bail!(
+            "no cluster token: give one with --token-file FILE or the {TOKEN_ENV} environment \
+             variable (workers need the same), or set authentication = \"off\" in {}",
+            opts.config.display()
+        ),
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use common::logging::LogFormat;
+use proto::auth::{Token, TOKEN_ENV};
 use tokio::process::{Child, Command};
 
 /// The running local workers.
@@ -30,13 +31,14 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
 
 impl LocalWorkers {
     /// Starts `count` CPU workers with `threads` compute threads each,
-    /// talking to `coordinator`, logging in `log_format`, with scratch
-    /// folders under `scratch_root`.
+    /// talking to `coordinator` with `token`, logging in `log_format`, with
+    /// scratch folders under `scratch_root`.
     pub fn spawn(
         count: usize,
         threads: usize,
         log_format: LogFormat,
         coordinator: &str,
+        token: Option<&Token>,
         scratch_root: &Path,
     ) -> anyhow::Result<Self> {
         let binary = worker_binary()?;
@@ -55,6 +57,12 @@ impl LocalWorkers {
                 .arg("--log-format")
                 .arg(log_format.as_str())
                 .kill_on_drop(true);
+            // The environment, not the command line: other users can read
+            // a process's arguments.
+            match token {
+                Some(token) => cmd.env(TOKEN_ENV, token.expose()),
+                None => cmd.env_remove(TOKEN_ENV),
+            };
             die_with_parent(&mut cmd);
             let child = cmd
                 .spawn()

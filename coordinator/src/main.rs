@@ -30,6 +30,10 @@ struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// File holding the cluster token (default: the DISTILL_CLUSTER_TOKEN
+    /// environment variable; with --local-workers and neither, one is made).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -42,6 +46,7 @@ async fn main() -> std::process::ExitCode {
         listen: args.listen,
         local_workers: args.local_workers,
         log_format: args.log_format,
+        token_file: args.token_file,
         local_worker_threads: args
             .local_worker_threads
             .unwrap_or_else(|| (cores / args.local_workers.max(1)).max(1)),

@@ -6,6 +6,9 @@
 //!
 //! The `worker` binary is found beside the coordinator's (`cargo test
 //! --workspace` builds both; `cargo test -p coordinator` alone does not).
+//! Both are given the cluster token through the environment, as a user
+//! would; `unauthenticated_calls_are_refused_but_health_answers` checks
+//! what happens without it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,8 +19,12 @@ use std::time::{Duration, Instant};
 
 use common::dataset::bundle::decode_splits;
 use common::transfer::TransferSet;
+use proto::auth::TOKEN_ENV;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The cluster token of these tests.
+const TOKEN: &str = "cluster-test-token-0123456789";
 
 fn coordinator_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
@@ -92,6 +99,7 @@ impl Coordinator {
             .arg("--config")
             .arg(config)
             .args(["--listen", "127.0.0.1:0"])
+            .env(TOKEN_ENV, TOKEN)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -147,6 +155,7 @@ impl Workers {
                     ])
                     .arg("--scratch")
                     .arg(scratch.join(format!("w{i}")))
+                    .env(TOKEN_ENV, TOKEN)
                     .stderr(Stdio::piped())
                     .spawn()
                     .unwrap();
@@ -420,4 +429,109 @@ fn a_generalist_and_specialists_job_runs_to_completion() {
             assert!((total - 1.0).abs() < 1e-4, "ln q sums to 1: {total}");
         }
     }
+}
+
+/// Without the token (or with a wrong one) the coordinator answers
+/// UNAUTHENTICATED; the health service answers anyway; a worker with the
+/// wrong token gives up at once instead of retrying.
+#[test]
+fn unauthenticated_calls_are_refused_but_health_answers() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1);
+    let coordinator = Coordinator::start(&config);
+    let url = coordinator.url.clone();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use proto::pb::coordinator_client::CoordinatorClient;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let register = || proto::pb::RegisterRequest {
+            capabilities: Some(Default::default()),
+        };
+        let err = CoordinatorClient::new(channel.clone())
+            .register(register())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let wrong = proto::auth::Token::new("not-the-cluster-token", "test").unwrap();
+        let err = CoordinatorClient::with_interceptor(
+            channel.clone(),
+            proto::auth::AttachToken::new(Some(&wrong)),
+        )
+        .register(register())
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let health = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            health.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    });
+    let started = Instant::now();
+    let out = Command::new(worker_bin())
+        .args(["--coordinator", &url, "--cpu", "--give-up-after", "60"])
+        .arg("--scratch")
+        .arg(dir.path().join("intruder"))
+        .env(TOKEN_ENV, "not-the-cluster-token")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the cluster token"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "no retrying");
+    assert!(!err.contains(TOKEN) && !err.contains("not-the-cluster-token"));
+    // The real workers still finish the job.
+    let mut workers = Workers::start(2, &url, dir.path());
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
+}
+
+#[test]
+fn without_a_token_the_coordinator_refuses_to_start() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1);
+    let out = Command::new(coordinator_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove(TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no cluster token") && err.contains(TOKEN_ENV),
+        "{err}"
+    );
+    // Saying so in the config switches authentication off.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("authentication = \"off\"\n{text}")).unwrap();
+    let mut open = Command::new(coordinator_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove(TOKEN_ENV)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(open.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("coordinator listening on "), "{line}");
+    open.kill().unwrap();
+    open.wait().unwrap();
 }

@@ -1,6 +1,9 @@
 //! The gRPC API between the coordinator and its workers, generated from
-//! `proto/cluster.proto` at build time, and the chunking rule both sides
-//! follow for large payloads.
+//! `proto/cluster.proto` at build time, the chunking rule both sides
+//! follow for large payloads, and the shared-secret authentication of every
+//! call ([`auth`]).
+
+pub mod auth;
 
 /// Generated messages, the `Coordinator` client and server.
 pub mod pb {

@@ -5,15 +5,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::checksum::sha256_hex;
+use proto::auth::{AttachToken, Token};
 use proto::pb::{self, coordinator_client::CoordinatorClient};
 use proto::CHUNK_BYTES;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// A connected client.
-pub type Client = CoordinatorClient<Channel>;
+/// A connected client; every call carries the cluster token.
+pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
 /// Retries `attempt` with exponential backoff (0.2 s doubling to 5 s) until
-/// it succeeds or `give_up_after` has passed since the first try.
+/// it succeeds or `give_up_after` has passed since the first try. A refusal
+/// for lack of the right token is final: retrying cannot fix it.
 pub async fn with_backoff<T, F, Fut>(
     what: &str,
     give_up_after: Duration,
@@ -28,6 +31,12 @@ where
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unauthenticated) =>
+            {
+                return Err(e.context(format!("{what}: the coordinator refused the cluster token")))
+            }
             Err(e) if started.elapsed() + delay > give_up_after => {
                 return Err(e.context(format!(
                     "{what}: giving up after {:.0} s without reaching the coordinator",
@@ -43,8 +52,8 @@ where
     }
 }
 
-/// Connects to the coordinator at `url`.
-pub async fn connect(url: &str) -> anyhow::Result<Client> {
+/// Connects to the coordinator at `url`, with `token` on every call.
+pub async fn connect(url: &str, token: Option<&Token>) -> anyhow::Result<Client> {
     let endpoint = Channel::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a URL like http://HOST:PORT"))?
         .connect_timeout(Duration::from_secs(5));
@@ -52,7 +61,10 @@ pub async fn connect(url: &str) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
-    Ok(CoordinatorClient::new(channel))
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        AttachToken::new(token),
+    ))
 }
 
 /// Downloads artifact `name` and checks it against `expected`.

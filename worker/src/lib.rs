@@ -33,6 +33,8 @@ pub struct Options {
     pub scratch: PathBuf,
     /// Give up after this long without reaching the coordinator.
     pub give_up_after: Duration,
+    /// The cluster token (none when the coordinator has authentication off).
+    pub token: Option<proto::auth::Token>,
 }
 
 /// Runs the worker until the job is over. `Ok(true)` when the job
@@ -90,7 +92,7 @@ async fn serve(
             Err(s) if is_transient(&s) => {
                 tracing::warn!("coordinator unreachable: {}", s.message());
                 client = with_backoff("reconnecting", opts.give_up_after, || {
-                    client::connect(&opts.coordinator)
+                    client::connect(&opts.coordinator, opts.token.as_ref())
                 })
                 .await?;
                 continue;
@@ -136,7 +138,7 @@ async fn register(
     caps: &pb::Capabilities,
 ) -> anyhow::Result<(client::Client, pb::RegisterResponse)> {
     with_backoff("registering", opts.give_up_after, || async {
-        let mut client = client::connect(&opts.coordinator).await?;
+        let mut client = client::connect(&opts.coordinator, opts.token.as_ref()).await?;
         let response = client
             .register(pb::RegisterRequest {
                 capabilities: Some(caps.clone()),

@@ -38,6 +38,10 @@ struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// File holding the cluster token (default: the DISTILL_CLUSTER_TOKEN
+    /// environment variable; none if neither is set).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,7 +53,15 @@ fn main() -> std::process::ExitCode {
     // candle's CPU kernels size their thread pool from this variable; set it
     // before any thread exists.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let token = match proto::auth::Token::from_file_or_env(args.token_file.as_deref()) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("worker: error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let opts = worker::Options {
+        token,
         coordinator: args.coordinator,
         device: args.gpu.map_or(DeviceChoice::Cpu, DeviceChoice::Gpu),
         threads,
