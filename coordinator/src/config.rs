@@ -84,6 +84,23 @@ pub enum Authentication {
     Off,
 }
 
+/// `[tls]`: the coordinator serves TLS (rustls) with this certificate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Mutual TLS: accept only clients with a certificate signed by this CA
+    /// (PEM). Not supported with `--local-workers`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// The CA that signed `cert` (PEM): what `--local-workers` trust.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
 /// `[dataset]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,6 +244,9 @@ pub struct ClusterConfig {
     /// `"token"` (the default) or `"off"`, which must be said explicitly.
     #[serde(default)]
     pub authentication: Authentication,
+    /// Serve TLS (plaintext when absent).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Shards of the transfer set (and teacher-inference tasks); never
     /// derived from the number of workers.
     #[serde(default = "default_shards")]
@@ -342,6 +362,19 @@ impl ClusterConfig {
         }
         if let Some(dir) = &cfg.cache_dir {
             cfg.cache_dir = Some(base.join(dir));
+        }
+        if let Some(tls) = &mut cfg.tls {
+            for path in [
+                Some(&mut tls.cert),
+                Some(&mut tls.key),
+                tls.client_ca.as_mut(),
+                tls.ca.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = base.join(&*path);
+            }
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -745,6 +778,27 @@ hidden = [16]
         let two_teachers = MINIMAL.replace("[teachers]\n", "[teachers]\ncount = 2\n");
         let err = parse(&format!("{two_teachers}\n[specialists]\ncount = 2")).unwrap_err();
         assert!(err.to_string().contains("`teachers.count`"), "{err}");
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_and_authentication_is_named() {
+        let cfg = parse(&format!(
+            "authentication = \"off\"\n{MINIMAL}\n[tls]\ncert = \"s.pem\"\nkey = \"k/s.key\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.authentication, Authentication::Off);
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/jobs/s.pem"));
+        assert_eq!(tls.key, Path::new("/jobs/k/s.key"));
+        assert_eq!((tls.client_ca, tls.ca), (None, None));
+        assert_eq!(
+            parse(MINIMAL).unwrap().authentication,
+            Authentication::Token
+        );
+        let err = parse(&format!("authentication = \"maybe\"\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("maybe"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[tls]\ncert = \"s.pem\"\n")).unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
     }
 
     #[test]

@@ -151,11 +151,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         cfg.dataset.source.name().into(),
     );
 
+    let tls = server_tls(&cfg, &opts)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     // Tests and scripts read this line to find the port when listening on :0.
     println!("coordinator listening on {url}");
     tracing::info!(%url, tasks, output_dir = %out.display(), "job planned, serving");
@@ -165,8 +166,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("[tls]")?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(InterceptedService::new(
                 CoordinatorServer::new(CoordinatorService::new(shared.clone())),
@@ -184,6 +189,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             opts.log_format,
             &url,
             token.as_ref(),
+            cfg.tls.as_ref().and_then(|t| t.ca.as_deref()),
             &out.join("scratch"),
         )?)
     } else {
@@ -301,6 +307,37 @@ fn cluster_token(cfg: &ClusterConfig, opts: &Options) -> anyhow::Result<Option<T
             opts.config.display()
         ),
     }
+}
+
+/// The server's TLS settings from `[tls]`, reading its files (errors name
+/// the key and the file); `None` without `[tls]`.
+fn server_tls(
+    cfg: &ClusterConfig,
+    opts: &Options,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let Some(tls) = &cfg.tls else {
+        return Ok(None);
+    };
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("tls.{key}: cannot read {}", path.display()))
+    };
+    let mut server = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("cert", &tls.cert)?,
+        read("key", &tls.key)?,
+    ));
+    if let Some(ca) = &tls.client_ca {
+        anyhow::ensure!(
+            opts.local_workers == 0,
+            "tls.client_ca (mutual TLS) is not supported with --local-workers: they have no client certificate"
+        );
+        server = server.client_ca_root(Certificate::from_pem(read("client_ca", ca)?));
+    }
+    anyhow::ensure!(
+        opts.local_workers == 0 || tls.ca.is_some(),
+        "--local-workers with [tls] needs tls.ca, the CA that signed tls.cert, for the workers to trust"
+    );
+    Ok(Some(server))
 }
 
 fn finish_report(

@@ -31,14 +31,16 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
 
 impl LocalWorkers {
     /// Starts `count` CPU workers with `threads` compute threads each,
-    /// talking to `coordinator` with `token`, logging in `log_format`, with
-    /// scratch folders under `scratch_root`.
+    /// talking to `coordinator` with `token` (over TLS trusting `tls_ca`
+    /// when given), logging in `log_format`, with scratch folders under
+    /// `scratch_root`.
     pub fn spawn(
         count: usize,
         threads: usize,
         log_format: LogFormat,
         coordinator: &str,
         token: Option<&Token>,
+        tls_ca: Option<&Path>,
         scratch_root: &Path,
     ) -> anyhow::Result<Self> {
         let binary = worker_binary()?;
@@ -57,6 +59,9 @@ impl LocalWorkers {
                 .arg("--log-format")
                 .arg(log_format.as_str())
                 .kill_on_drop(true);
+            if let Some(ca) = tls_ca {
+                cmd.arg("--tls-ca").arg(ca);
+            }
             // The environment, not the command line: other users can read
             // a process's arguments.
             match token {

@@ -140,6 +140,11 @@ struct Workers {
 
 impl Workers {
     fn start(count: usize, url: &str, scratch: &Path) -> Self {
+        Workers::start_with(count, url, scratch, &[])
+    }
+
+    /// Workers with `extra` arguments.
+    fn start_with(count: usize, url: &str, scratch: &Path, extra: &[&std::ffi::OsStr]) -> Self {
         let (tx, lines) = channel();
         let children = (0..count)
             .map(|i| {
@@ -155,6 +160,7 @@ impl Workers {
                     ])
                     .arg("--scratch")
                     .arg(scratch.join(format!("w{i}")))
+                    .args(extra)
                     .env(TOKEN_ENV, TOKEN)
                     .stderr(Stdio::piped())
                     .spawn()
@@ -534,4 +540,135 @@ fn without_a_token_the_coordinator_refuses_to_start() {
     assert!(line.starts_with("coordinator listening on "), "{line}");
     open.kill().unwrap();
     open.wait().unwrap();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, both
+/// signed by it, written as `ca.pem`, `server.{pem,key}`, `client.{pem,key}`.
+/// Returns the CA's path.
+fn write_test_pki(dir: &Path) -> PathBuf {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    for (name, sans) in [
+        ("server", vec!["localhost".to_string(), "127.0.0.1".into()]),
+        ("client", vec!["worker".into()]),
+    ] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, ca.pem()).unwrap();
+    path
+}
+
+/// The small job's config with `[tls]` (plus `extra` keys in that table).
+fn tls_config(dir: &Path, extra: &str) -> PathBuf {
+    let config = write_config(dir, 10);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let tls = format!("[tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n{extra}\n[dataset]");
+    std::fs::write(&config, text.replacen("[dataset]", &tls, 1)).unwrap();
+    config
+}
+
+/// With mutual TLS, a worker without a client certificate signed by the
+/// CA cannot join; workers with one run the job.
+#[test]
+fn with_mutual_tls_only_workers_with_a_client_certificate_join() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_test_pki(dir.path());
+    let config = tls_config(dir.path(), "client_ca = \"ca.pem\"\n");
+    let coordinator = Coordinator::start(&config);
+    let out = Command::new(worker_bin())
+        .args([
+            "--coordinator",
+            &coordinator.url,
+            "--cpu",
+            "--give-up-after",
+            "2",
+        ])
+        .arg("--tls-ca")
+        .arg(&ca_path)
+        .arg("--scratch")
+        .arg(dir.path().join("no-cert"))
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a worker without a client certificate joined"
+    );
+    let cert = dir.path().join("client.pem");
+    let key = dir.path().join("client.key");
+    let mut workers = Workers::start_with(
+        2,
+        &coordinator.url,
+        dir.path(),
+        &[
+            "--tls-ca".as_ref(),
+            ca_path.as_os_str(),
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
+}
+
+/// With `[tls]` the coordinator serves only TLS: a plaintext client cannot
+/// talk to it, and workers that trust its CA run the job to completion.
+#[test]
+fn with_tls_plaintext_is_refused_and_workers_trusting_the_ca_finish() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_test_pki(dir.path());
+    let config = tls_config(dir.path(), "");
+    let coordinator = Coordinator::start(&config);
+    assert!(
+        coordinator.url.starts_with("https://"),
+        "{}",
+        coordinator.url
+    );
+    let plain_url = coordinator.url.replacen("https://", "http://", 1);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let result = async {
+            let channel = tonic::transport::Endpoint::from_shared(plain_url.clone())?
+                .connect()
+                .await?;
+            proto::pb::coordinator_client::CoordinatorClient::new(channel)
+                .register(proto::pb::RegisterRequest::default())
+                .await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        }
+        .await;
+        assert!(result.is_err(), "a plaintext client got through");
+    });
+    // A worker without the CA is told what is missing.
+    let out = Command::new(worker_bin())
+        .args(["--coordinator", &coordinator.url, "--cpu"])
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"));
+    let mut workers = Workers::start_with(
+        2,
+        &coordinator.url,
+        dir.path(),
+        &["--tls-ca".as_ref(), ca_path.as_os_str()],
+    );
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+    assert!(ok, "coordinator failed:\n{stdout}");
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
+    check_outputs(&dir.path().join("out"));
 }

@@ -52,18 +52,65 @@ where
     }
 }
 
-/// Connects to the coordinator at `url`, with `token` on every call.
-pub async fn connect(url: &str, token: Option<&Token>) -> anyhow::Result<Client> {
-    let endpoint = Channel::from_shared(url.to_string())
+/// How the worker reaches the coordinator: its token and TLS settings.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The cluster token (none when the coordinator has authentication off).
+    pub token: Option<Token>,
+    /// TLS: the CA certificate (PEM) to trust for the coordinator's
+    /// certificate, and optionally this worker's certificate and key (PEM)
+    /// for mutual TLS. Needed for an `https://` coordinator.
+    pub tls: Option<ClientTls>,
+}
+
+/// A worker's TLS settings, already read from their files.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The CA that signed the coordinator's certificate.
+    pub ca: Vec<u8>,
+    /// This worker's certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Checks, before any connection is tried, that `url` is a URL and that
+/// TLS settings are given exactly when it is `https://` (no retry can fix
+/// either).
+pub fn check_url(url: &str, credentials: &Credentials) -> anyhow::Result<()> {
+    Channel::from_shared(url.to_string())
+        .with_context(|| format!("--coordinator {url:?} is not a URL like http://HOST:PORT"))?;
+    match (url.starts_with("https://"), &credentials.tls) {
+        (true, None) => anyhow::bail!(
+            "{url} is TLS: give the CA that signed its certificate with --tls-ca FILE"
+        ),
+        (false, Some(_)) => anyhow::bail!(
+            "--tls-ca is given but {url} is not https://; use the https URL the coordinator prints"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Connects to the coordinator at `url` with `credentials` (see
+/// [`check_url`]).
+pub async fn connect(url: &str, credentials: &Credentials) -> anyhow::Result<Client> {
+    check_url(url, credentials)?;
+    let mut endpoint = Channel::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a URL like http://HOST:PORT"))?
         .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = &credentials.tls {
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).context("TLS settings")?;
+    }
     let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
     Ok(CoordinatorClient::with_interceptor(
         channel,
-        AttachToken::new(token),
+        AttachToken::new(credentials.token.as_ref()),
     ))
 }
 

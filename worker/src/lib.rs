@@ -33,13 +33,14 @@ pub struct Options {
     pub scratch: PathBuf,
     /// Give up after this long without reaching the coordinator.
     pub give_up_after: Duration,
-    /// The cluster token (none when the coordinator has authentication off).
-    pub token: Option<proto::auth::Token>,
+    /// The cluster token and TLS settings.
+    pub credentials: client::Credentials,
 }
 
 /// Runs the worker until the job is over. `Ok(true)` when the job
 /// succeeded, `Ok(false)` when the coordinator says it failed.
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    client::check_url(&opts.coordinator, &opts.credentials)?;
     let device = select(opts.device)?;
     let cache = ArtifactCache::open(&opts.scratch)?;
     let caps = pb::Capabilities {
@@ -92,7 +93,7 @@ async fn serve(
             Err(s) if is_transient(&s) => {
                 tracing::warn!("coordinator unreachable: {}", s.message());
                 client = with_backoff("reconnecting", opts.give_up_after, || {
-                    client::connect(&opts.coordinator, opts.token.as_ref())
+                    client::connect(&opts.coordinator, &opts.credentials)
                 })
                 .await?;
                 continue;
@@ -138,7 +139,7 @@ async fn register(
     caps: &pb::Capabilities,
 ) -> anyhow::Result<(client::Client, pb::RegisterResponse)> {
     with_backoff("registering", opts.give_up_after, || async {
-        let mut client = client::connect(&opts.coordinator, opts.token.as_ref()).await?;
+        let mut client = client::connect(&opts.coordinator, &opts.credentials).await?;
         let response = client
             .register(pb::RegisterRequest {
                 capabilities: Some(caps.clone()),

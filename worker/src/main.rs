@@ -42,6 +42,38 @@ struct Args {
     /// environment variable; none if neither is set).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed an https:// coordinator's certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This worker's certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The token and TLS files of `args`, read.
+fn credentials(args: &Args) -> Result<worker::client::Credentials, String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(worker::client::ClientTls {
+            ca: read("--tls-ca", ca)?,
+            identity: match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some((read("--tls-cert", cert)?, read("--tls-key", key)?))
+                }
+                _ => None,
+            },
+        }),
+        None => None,
+    };
+    Ok(worker::client::Credentials {
+        token: proto::auth::Token::from_file_or_env(args.token_file.as_deref())?,
+        tls,
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,15 +85,15 @@ fn main() -> std::process::ExitCode {
     // candle's CPU kernels size their thread pool from this variable; set it
     // before any thread exists.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let token = match proto::auth::Token::from_file_or_env(args.token_file.as_deref()) {
-        Ok(token) => token,
+    let credentials = match credentials(&args) {
+        Ok(credentials) => credentials,
         Err(e) => {
             eprintln!("worker: error: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
     let opts = worker::Options {
-        token,
+        credentials,
         coordinator: args.coordinator,
         device: args.gpu.map_or(DeviceChoice::Cpu, DeviceChoice::Gpu),
         threads,
