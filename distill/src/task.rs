@@ -440,9 +440,17 @@ fn run_infer(
     let mut names = task.teachers.clone();
     if let Some(combined) = &task.combined {
         let models = CombinedModels::load(combined, inputs, device)?;
-        let q = models
-            .ensemble(combined, device)?
-            .combined(train, rows.clone())?;
+        let ensemble = models.ensemble(combined, device)?;
+        // The generalist is usually one of the teachers: reuse its logits.
+        let q = match task.teachers.iter().position(|t| *t == combined.generalist) {
+            Some(k) => {
+                let classes = train.num_classes();
+                let p = soft_targets(&[&logits[k]], classes, 1.0, EnsembleCombine::Arithmetic)?;
+                let p: Vec<f64> = p.into_iter().map(f64::from).collect();
+                ensemble.combined_given(&p, train, rows.clone())?
+            }
+            None => ensemble.combined(train, rows.clone())?,
+        };
         logits.push(log_probabilities(&q));
         names.push(combined.name.clone());
         tick(observer, names.len(), started, rows.len() * names.len())?;
