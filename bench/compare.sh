@@ -44,7 +44,7 @@ echo "== MNIST pipeline: ours ($EPOCHS epochs per model, 1 worker with $THREADS 
 sed -e "s#^output_dir = .*#output_dir = \"ours-pipeline\"#" -e "s/^epochs = .*/epochs = $EPOCHS/" \
   bench/comparison-mnist.toml > "$WORK/cluster.toml"
 started=$(date +%s.%N)
-DATASETS_DIR=$DATASETS target/release/coordinator --config "$WORK/cluster.toml" \
+DATASETS_DIR=$DATASETS target/release/coordinator --config "$WORK/cluster.toml" --fresh \
   --local-workers 1 --local-worker-threads "$THREADS" \
   > "$WORK/ours-pipeline.log" 2>&1
 ended=$(date +%s.%N)

@@ -22,7 +22,7 @@ export DATASETS_DIR="$BUNDLE/datasets"
 export DISTILL_CLUSTER_TOKEN="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 sed "s#^output_dir = .*#output_dir = \"$OUT_DIR/job\"#" bench/gpu/mnist-gpu.toml > "$OUT_DIR/cluster.toml"
-"$BUNDLE/coordinator" --config "$OUT_DIR/cluster.toml" --listen 127.0.0.1:0 \
+"$BUNDLE/coordinator" --config "$OUT_DIR/cluster.toml" --listen 127.0.0.1:0 --fresh \
   > "$OUT_DIR/coordinator.out" 2> "$OUT_DIR/coordinator.log" &
 coordinator=$!
 for _ in $(seq 100); do

@@ -104,6 +104,9 @@ pub fn run_job(
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
+        // The config changed (or the last run did not finish): start over;
+        // the task cache keeps what still applies.
+        .arg("--fresh")
         .args(["--local-workers", &exp.local_workers.to_string()])
         .args(["--local-worker-threads", &exp.worker_threads.to_string()])
         .stdin(Stdio::null())

@@ -313,6 +313,19 @@ fn default_summary() -> f64 {
     30.0
 }
 
+/// Top-level keys a restarted job may change (see [`ClusterConfig::identity`]).
+const OPERATIONAL_KEYS: [&str; 9] = [
+    "listen",
+    "output_dir",
+    "authentication",
+    "tls",
+    "lease_timeout_secs",
+    "heartbeat_interval_ms",
+    "max_attempts",
+    "summary_interval_secs",
+    "cache_dir",
+];
+
 /// Model tables whose `train` sub-table must not set `seed`.
 const MODEL_TABLES: [&str; 4] = ["teachers", "student", "baseline", "specialists"];
 
@@ -378,6 +391,19 @@ impl ClusterConfig {
         }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The settings that make the job what it is, as dotted keys (defaults
+    /// filled in): a restart of the job must not change them. Left out are
+    /// the operational ones (where to listen, security, timeouts, logging,
+    /// the task cache and the output folder itself), which may change.
+    pub fn identity(&self) -> std::collections::BTreeMap<String, String> {
+        let mut value = serde_json::to_value(self).expect("the config serialises");
+        let map = value.as_object_mut().expect("the config is a table");
+        for key in OPERATIONAL_KEYS {
+            map.remove(key);
+        }
+        crate::state::flatten(&value)
     }
 
     /// Checks every value; the error names the key and the allowed values.

@@ -4,6 +4,7 @@
 //! worker's request becomes a scheduler event and a stored file.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use proto::pb;
 use crate::cache::TaskCache;
 use crate::plan::{Output, Plan};
 use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler};
+use crate::state::{CommittedTask, StateDb, StateError, ATTEMPT_BLOCK};
 use crate::store::{ArtifactStore, StoredArtifact};
 
 /// Why a worker's request was refused.
@@ -45,6 +47,38 @@ pub enum JobError {
     /// Writing a result failed on the coordinator's side.
     #[error("storing the result failed: {0}")]
     Storage(#[from] common::Error),
+    /// The job's state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A stored artifact is missing or corrupt; the task that made it runs
+    /// again.
+    #[error("artifact {name:?} is {problem}; it is being regenerated, ask again later")]
+    Regenerating {
+        /// The artifact.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// How leases work in a job.
+#[derive(Clone, Copy, Debug)]
+pub struct LeasePolicy {
+    /// A lease not renewed for this long expires.
+    pub timeout: Duration,
+    /// Attempts per task before the job fails.
+    pub max_attempts: u32,
+    /// How long an idle worker waits before asking again, in ms.
+    pub poll_ms: u32,
+}
+
+/// What [`Job::resume`] found of an earlier run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// Tasks whose committed results were verified and taken up.
+    pub restored: Vec<String>,
+    /// Tasks whose committed results were missing or corrupt; they run again.
+    pub regenerated: Vec<String>,
 }
 
 /// What the coordinator knows about a worker.
@@ -98,29 +132,35 @@ pub struct Job {
     poll_ms: u32,
     next_worker: u64,
     cache: Option<TaskCache>,
+    state: StateDb,
+    /// Fencing ids below this are reserved in the state database.
+    attempts_reserved: u64,
 }
 
 impl Job {
-    /// A job about to start; `store` already holds the dataset.
+    /// A job about to start; `store` already holds the dataset and `state`
+    /// is the job's database (see [`Job::resume`] to take up an earlier
+    /// run's results).
     pub fn new(
         plan: Plan,
         store: ArtifactStore,
         transfer_dir: PathBuf,
         dataset: (&str, usize, usize),
-        lease_timeout: Duration,
-        max_attempts: u32,
-        poll_ms: u32,
-    ) -> Self {
-        let scheduler = Scheduler::new(
+        leases: LeasePolicy,
+        state: StateDb,
+    ) -> Result<Self, JobError> {
+        let mut scheduler = Scheduler::new(
             plan.tasks
                 .iter()
                 .map(|t| (t.id.clone(), t.deps.clone()))
                 .collect(),
-            lease_timeout,
-            max_attempts,
+            leases.timeout,
+            leases.max_attempts,
         );
+        let floor = state.attempt_floor()?;
+        scheduler.start_attempts_at(floor);
         let (fingerprint, train_len, num_classes) = dataset;
-        Job {
+        Ok(Job {
             shard_entries: vec![None; plan.shards],
             plan,
             scheduler,
@@ -134,10 +174,134 @@ impl Job {
             dataset_fingerprint: fingerprint.to_string(),
             train_len,
             num_classes,
-            poll_ms,
+            poll_ms: leases.poll_ms,
             next_worker: 1,
             cache: None,
+            state,
+            attempts_reserved: floor,
+        })
+    }
+
+    /// Takes up the tasks an earlier run of this job committed: each one
+    /// whose artifact is present with its recorded checksum is done; the
+    /// others are forgotten and run again (logged).
+    pub fn resume(&mut self) -> Result<Resumed, JobError> {
+        let committed = self.state.committed()?;
+        let mut resumed = Resumed::default();
+        for task in 0..self.plan.tasks.len() {
+            let id = self.plan.tasks[task].id.clone();
+            let Some(commit) = committed.get(&id) else {
+                continue;
+            };
+            let path = self.store.root().join(&commit.file);
+            match read_verified(&path, &commit.sha256) {
+                Ok(bytes) => {
+                    self.restore(task, commit, path, &bytes)?;
+                    resumed.restored.push(id);
+                }
+                Err(problem) => {
+                    tracing::warn!(task = %id, file = %path.display(), %problem, "a committed result is lost; the task runs again");
+                    self.state.forget_task(&id)?;
+                    resumed.regenerated.push(id);
+                }
+            }
         }
+        self.scheduler.refresh_ready();
+        if self.plan.shards > 0 && self.shard_entries.iter().all(Option::is_some) {
+            self.finish_transfer_set()?;
+        }
+        Ok(resumed)
+    }
+
+    /// Makes `task` done with its committed result (`bytes`, verified).
+    fn restore(
+        &mut self,
+        task: usize,
+        commit: &CommittedTask,
+        path: PathBuf,
+        bytes: &[u8],
+    ) -> Result<(), JobError> {
+        let planned = &self.plan.tasks[task];
+        let bad = |reason: String| JobError::BadResult {
+            task: planned.id.clone(),
+            reason,
+        };
+        match &planned.output {
+            Output::Model(_) => {}
+            Output::Shard { index, .. } => {
+                let entry = commit
+                    .shard
+                    .clone()
+                    .ok_or_else(|| bad("the commit of a shard has no manifest entry".into()))?;
+                self.shard_entries[*index] = Some(entry);
+            }
+            Output::Clusters => {
+                self.clusters = Some(
+                    Clusters::from_json(bytes, CLUSTERS_ARTIFACT)
+                        .map_err(|e| bad(e.to_string()))?,
+                );
+            }
+            Output::Evaluation => {
+                self.evaluations = Some(
+                    serde_json::from_slice(bytes)
+                        .map_err(|e| bad(format!("not an evaluation list: {e}")))?,
+                );
+            }
+        }
+        self.store
+            .record(&commit.artifact, path, commit.sha256.clone(), commit.size);
+        self.records.insert(
+            planned.id.clone(),
+            TaskRecord {
+                summary: commit.summary.clone(),
+                seconds: commit.seconds,
+                cached: commit.cached,
+            },
+        );
+        self.scheduler.restore_done(task);
+        Ok(())
+    }
+
+    /// Handles a stored artifact found missing or corrupt: the task that
+    /// made it runs again, and the tasks that need it wait (leases on them
+    /// are revoked). Returns the error to give the reader.
+    pub fn artifact_lost(&mut self, name: &str, problem: &str) -> JobError {
+        let lost = JobError::Regenerating {
+            name: name.to_string(),
+            problem: problem.to_string(),
+        };
+        if name == TRANSFER_MANIFEST_ARTIFACT {
+            tracing::warn!(%problem, "the transfer manifest is lost; writing it again");
+            if let Err(e) = self.finish_transfer_set() {
+                return e;
+            }
+            return lost;
+        }
+        let Some(task) =
+            (0..self.plan.tasks.len()).find(|&t| self.plan.tasks[t].output.artifact() == name)
+        else {
+            tracing::error!(artifact = name, %problem, "a stored artifact no task makes is lost; restart the coordinator to write it again");
+            return lost;
+        };
+        let id = self.plan.tasks[task].id.clone();
+        if self.scheduler.state(task) != &crate::scheduler::TaskState::Done {
+            return lost;
+        }
+        tracing::warn!(artifact = name, task = %id, %problem, "a stored artifact is lost; its task runs again");
+        if let Err(e) = self.state.forget_task(&id) {
+            return e.into();
+        }
+        self.records.remove(&id);
+        if let Output::Shard { index, .. } = self.plan.tasks[task].output {
+            self.shard_entries[index] = None;
+        }
+        for (revoked, worker, attempt) in self.scheduler.reopen(task) {
+            tracing::info!(task = %self.scheduler.id(revoked), attempt, %worker, "lease revoked until its input is regenerated");
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.task = None;
+            }
+        }
+        lost
     }
 
     /// Takes finished tasks' results from `cache` when it has them, and
@@ -202,6 +366,11 @@ impl Job {
         };
         let outcome = match decision {
             LeaseDecision::Run { task, attempt } => {
+                if attempt >= self.attempts_reserved {
+                    let reserved = attempt + ATTEMPT_BLOCK;
+                    self.state.raise_attempt_floor(reserved)?;
+                    self.attempts_reserved = reserved;
+                }
                 let planned = &self.plan.tasks[task];
                 let inputs = planned
                     .inputs
@@ -430,13 +599,35 @@ impl Job {
             Output::Evaluation => {
                 let results: Vec<ModelEvaluation> = serde_json::from_slice(payload)
                     .map_err(|e| bad(format!("not an evaluation list: {e}")))?;
-                let stored = self.store.put("evaluation", payload)?.clone();
+                let stored = self
+                    .store
+                    .put(crate::plan::EVALUATION_ARTIFACT, payload)?
+                    .clone();
                 self.evaluations = Some(results);
                 stored
             }
         };
-        let summary =
+        let summary: serde_json::Value =
             serde_json::from_slice(&header.summary_json).unwrap_or(serde_json::Value::Null);
+        let shard = match planned.output {
+            Output::Shard { index, .. } => self.shard_entries[index].clone(),
+            _ => None,
+        };
+        let commit = CommittedTask {
+            artifact: planned.output.artifact(),
+            file: stored
+                .path
+                .strip_prefix(self.store.root())
+                .unwrap_or(&stored.path)
+                .to_path_buf(),
+            sha256: stored.sha256.clone(),
+            size: stored.size,
+            seconds: header.seconds,
+            summary: summary.clone(),
+            cached,
+            shard,
+        };
+        self.state.commit_task(&planned.id, &commit)?;
         self.records.insert(
             planned.id.clone(),
             TaskRecord {
@@ -488,7 +679,12 @@ impl Job {
     pub fn fail(&mut self, report: &pb::FailureReport, now: Duration) -> Result<bool, JobError> {
         self.touch(&report.worker_id, now)?.task = None;
         let task = self.task_index(&report.task_id)?;
-        let outcome = self.scheduler.fail(task, report.attempt, &report.error)?;
+        let outcome = if report.permanent {
+            self.scheduler
+                .fail_permanently(task, report.attempt, &report.error)?
+        } else {
+            self.scheduler.fail(task, report.attempt, &report.error)?
+        };
         tracing::warn!(task = %report.task_id, attempt = report.attempt, worker = %report.worker_id, error = %report.error, "task attempt failed");
         Ok(outcome == FailureOutcome::WillRetry)
     }
@@ -517,10 +713,19 @@ impl Job {
         now: Duration,
     ) -> Result<StoredArtifact, JobError> {
         self.touch(worker, now)?;
-        self.store
+        let stored = self
+            .store
             .get(name)
             .cloned()
-            .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
+            .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))?;
+        match std::fs::metadata(&stored.path) {
+            Ok(m) if m.len() == stored.size => Ok(stored),
+            Ok(m) => Err(self.artifact_lost(
+                name,
+                &format!("{} bytes long, {} were stored", m.len(), stored.size),
+            )),
+            Err(e) => Err(self.artifact_lost(name, &format!("unreadable ({e})"))),
+        }
     }
 
     /// A one-line summary for the periodic log.
@@ -563,6 +768,16 @@ impl Job {
     }
 }
 
+/// The bytes of `path` if their sha256 is `sha256`; else what is wrong.
+pub fn read_verified(path: &Path, sha256: &str) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("unreadable ({e})"))?;
+    let found = common::checksum::sha256_hex(&bytes);
+    if found != sha256 {
+        return Err(format!("corrupt (sha256 {found}, {sha256} was stored)"));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,10 +805,14 @@ mod tests {
             store,
             dir.join("transfer"),
             ("fp", 10, 3),
-            10 * SECOND,
-            2,
-            100,
+            LeasePolicy {
+                timeout: 10 * SECOND,
+                max_attempts: 2,
+                poll_ms: 100,
+            },
+            StateDb::open(&dir.join("state")).unwrap(),
         )
+        .unwrap()
     }
 
     fn caps() -> pb::Capabilities {
@@ -803,5 +1022,122 @@ mod tests {
             vec![vec![0, 2], vec![1]]
         );
         assert!(dir.path().join("specialists/clusters.json").is_file());
+    }
+
+    fn model_bytes() -> Vec<u8> {
+        let spec = distill::model::MlpSpec::new(8, vec![4], 3).unwrap();
+        let rng = &mut common::seed::rng(1, common::seed::Stream::Init);
+        let model = distill::model::Mlp::new_random(spec, rng, &candle_core::Device::Cpu).unwrap();
+        distill::model_io::to_bytes(&model, common::dataset::Normalization::Identity).unwrap()
+    }
+
+    /// A job over `dir` whose teacher-0 is done with `model_bytes()`;
+    /// returns the job and the attempt id it used.
+    fn job_with_teacher_done(dir: &std::path::Path) -> (Job, u64) {
+        let mut job = job(dir);
+        let w = job.register(caps(), Duration::ZERO);
+        let teacher = leased(&mut job, &w, SECOND);
+        assert_eq!(teacher.task_id, "teacher-0");
+        let bytes = model_bytes();
+        job.accept_result(&header(&w, &teacher, &bytes), &bytes, SECOND)
+            .unwrap();
+        (job, teacher.attempt)
+    }
+
+    #[test]
+    fn a_restarted_job_takes_up_committed_tasks_and_never_reuses_an_attempt_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, used) = job_with_teacher_done(dir.path());
+        drop(first);
+
+        let mut again = job(dir.path());
+        assert!(
+            !again.is_done("teacher-0"),
+            "nothing is taken up before resume"
+        );
+        let resumed = again.resume().unwrap();
+        assert_eq!(resumed.restored, vec!["teacher-0".to_string()]);
+        assert!(resumed.regenerated.is_empty());
+        assert!(again.is_done("teacher-0"));
+        assert!(again.records.contains_key("teacher-0"));
+        let w = again.register(caps(), Duration::ZERO);
+        let next = leased(&mut again, &w, SECOND);
+        assert_eq!(next.task_id, "baseline");
+        assert!(next.attempt > used, "{} after {used}", next.attempt);
+        assert_eq!(
+            again.store.get("models/teacher-0").unwrap().sha256,
+            sha256_hex(&model_bytes())
+        );
+    }
+
+    #[test]
+    fn a_corrupt_committed_result_is_regenerated_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(job_with_teacher_done(dir.path()));
+        let file = dir.path().join("models/teacher-0.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+
+        let mut again = job(dir.path());
+        let resumed = again.resume().unwrap();
+        assert_eq!(resumed.regenerated, vec!["teacher-0".to_string()]);
+        assert!(!again.is_done("teacher-0"));
+        let w = again.register(caps(), Duration::ZERO);
+        assert_eq!(leased(&mut again, &w, SECOND).task_id, "teacher-0");
+        drop(again);
+        let third = job(dir.path()).resume().unwrap();
+        assert!(third.restored.is_empty(), "the lost commit was forgotten");
+    }
+
+    #[test]
+    fn an_artifact_lost_while_running_is_regenerated_and_its_readers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut job, _) = job_with_teacher_done(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let baseline = leased(&mut job, &w, SECOND);
+        assert_eq!(baseline.task_id, "baseline");
+        let bytes = model_bytes();
+        job.accept_result(&header(&w, &baseline, &bytes), &bytes, SECOND)
+            .unwrap();
+        let infer = leased(&mut job, &w, SECOND);
+        assert_eq!(infer.task_id, "infer-00000");
+        std::fs::write(dir.path().join("models/teacher-0.safetensors"), b"short").unwrap();
+        let err = job.artifact(&w, "models/teacher-0", SECOND).unwrap_err();
+        assert!(matches!(err, JobError::Regenerating { .. }), "{err}");
+        assert!(err.to_string().contains("bytes long"), "{err}");
+        assert!(!job.is_done("teacher-0"));
+        let hb = pb::HeartbeatRequest {
+            worker_id: w.clone(),
+            task_id: infer.task_id.clone(),
+            attempt: infer.attempt,
+            progress: None,
+        };
+        assert!(
+            !job.heartbeat(&hb, SECOND).unwrap(),
+            "the inference that reads the lost model is stopped"
+        );
+        let again = leased(&mut job, &w, 2 * SECOND);
+        assert_eq!(again.task_id, "teacher-0");
+        job.accept_result(&header(&w, &again, &bytes), &bytes, 2 * SECOND)
+            .unwrap();
+        assert_eq!(leased(&mut job, &w, 2 * SECOND).task_id, "infer-00000");
+    }
+
+    #[test]
+    fn a_permanent_failure_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let task = leased(&mut job, &w, SECOND);
+        let report = pb::FailureReport {
+            worker_id: w.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            error: "the loss diverged".into(),
+            permanent: true,
+        };
+        assert!(!job.fail(&report, SECOND).unwrap());
+        assert!(job.scheduler.failure().unwrap().contains("diverged"));
     }
 }

@@ -14,6 +14,7 @@ pub mod plan;
 pub mod report;
 pub mod scheduler;
 pub mod service;
+pub mod state;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -29,10 +30,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::config::ClusterConfig;
-use crate::job::Job;
+use crate::job::{Job, LeasePolicy};
 use crate::local_workers::LocalWorkers;
 use crate::report::{SplitSizes, TransferSummary};
 use crate::service::{CoordinatorService, SharedJob};
+use crate::state::StateDb;
 use crate::store::ArtifactStore;
 
 /// How the coordinator was started.
@@ -50,7 +52,24 @@ pub struct Options {
     pub log_format: common::logging::LogFormat,
     /// File holding the cluster token (else `DISTILL_CLUSTER_TOKEN`).
     pub token_file: Option<PathBuf>,
+    /// Forget an earlier run's state and outputs and start the job over.
+    pub fresh: bool,
 }
+
+/// The state folder under the output folder.
+pub const STATE_DIR: &str = "state";
+
+/// What an earlier run leaves in the output folder that `--fresh` removes.
+const RUN_OUTPUTS: [&str; 8] = [
+    STATE_DIR,
+    "transfer",
+    "models",
+    "specialists",
+    "dataset.safetensors",
+    "evaluation.json",
+    "report.json",
+    "report.md",
+];
 
 /// How a job ended.
 #[derive(Clone, Debug)]
@@ -77,6 +96,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let out = out
         .canonicalize()
         .with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
+    if opts.fresh {
+        remove_run_outputs(&out)?;
+    }
+    let state = StateDb::open(&out.join(STATE_DIR))?;
+    let resuming = state.has_job()?;
+    state.check_config(&cfg.identity())?;
 
     let cfg_for_data = cfg.clone();
     let splits =
@@ -111,8 +136,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     };
     let mut store = ArtifactStore::new(&out);
     let transfer_dir = out.join("transfer");
-    if transfer_dir.exists() {
-        // A previous run's shards must not mix with this run's.
+    if !resuming && transfer_dir.exists() {
+        // Shards of a run without state (an older version) must not mix
+        // with this run's.
         std::fs::remove_dir_all(&transfer_dir)
             .with_context(|| format!("cannot clear {}", transfer_dir.display()))?;
     }
@@ -120,22 +146,36 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     // encoding and writing the bundle; each takes a few hundred ms on MNIST.
     let fingerprint = std::thread::scope(|scope| -> anyhow::Result<String> {
         let hashing = scope.spawn(|| splits.train.fingerprint());
-        store.put(DATASET_ARTIFACT, &encode_splits(&splits)?)?;
+        let bundle = encode_splits(&splits)?;
+        state.check_dataset(&common::checksum::sha256_hex(&bundle))?;
+        store.put(DATASET_ARTIFACT, &bundle)?;
         Ok(hashing.join().expect("hashing the dataset panicked"))
     })?;
     drop(splits);
 
     let plan = plan::plan(&cfg, sizes.train)?;
     let poll_ms = cfg.heartbeat_interval_ms.min(500) as u32;
-    let job = Job::new(
+    let mut job = Job::new(
         plan,
         store,
         transfer_dir,
         (&fingerprint, sizes.train, sizes.classes),
-        Duration::from_secs_f64(cfg.lease_timeout_secs),
-        cfg.max_attempts,
-        poll_ms,
-    );
+        LeasePolicy {
+            timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
+            max_attempts: cfg.max_attempts,
+            poll_ms,
+        },
+        state,
+    )?;
+    if resuming {
+        let resumed = job.resume()?;
+        tracing::info!(
+            done = resumed.restored.len(),
+            regenerated = resumed.regenerated.len(),
+            of = job.scheduler.len(),
+            "resuming the job from its state"
+        );
+    }
     let job = match &cfg.cache_dir {
         Some(dir) => {
             tracing::info!(dir = %dir.display(), "task cache in use");
@@ -213,6 +253,26 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         local.finish(Duration::from_secs(5)).await;
     }
     result
+}
+
+/// Removes what an earlier run left in `out` (for `--fresh`).
+fn remove_run_outputs(out: &std::path::Path) -> anyhow::Result<()> {
+    for name in RUN_OUTPUTS {
+        let path = out.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => tracing::info!(path = %path.display(), "--fresh: removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The main loop: expires leases, logs a summary now and then, and returns

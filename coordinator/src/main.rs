@@ -34,6 +34,10 @@ struct Args {
     /// environment variable; with --local-workers and neither, one is made).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Start the job over: forget the state of an earlier run in the output
+    /// folder (its models, transfer set and report are deleted).
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[tokio::main]
@@ -47,6 +51,7 @@ async fn main() -> std::process::ExitCode {
         local_workers: args.local_workers,
         log_format: args.log_format,
         token_file: args.token_file,
+        fresh: args.fresh,
         local_worker_threads: args
             .local_worker_threads
             .unwrap_or_else(|| (cores / args.local_workers.max(1)).max(1)),

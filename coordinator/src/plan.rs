@@ -58,6 +58,21 @@ pub enum Output {
     Clusters,
 }
 
+impl Output {
+    /// The name of the artifact it is stored as.
+    pub fn artifact(&self) -> String {
+        match self {
+            Output::Model(name) => distill::task::model_artifact(name),
+            Output::Shard { index, .. } => distill::task::shard_artifact(*index),
+            Output::Evaluation => EVALUATION_ARTIFACT.to_string(),
+            Output::Clusters => distill::task::CLUSTERS_ARTIFACT.to_string(),
+        }
+    }
+}
+
+/// The artifact holding the evaluation task's results.
+pub const EVALUATION_ARTIFACT: &str = "evaluation";
+
 /// One task of the plan.
 #[derive(Clone, Debug)]
 pub struct PlannedTask {

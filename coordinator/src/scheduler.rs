@@ -319,6 +319,24 @@ impl Scheduler {
         Ok(self.give_up_attempt(task, error.to_string()))
     }
 
+    /// Records that `attempt` of `task` failed with an error that another
+    /// attempt would repeat (such as a diverging training run): the task
+    /// fails, and with it the job, without further attempts.
+    pub fn fail_permanently(
+        &mut self,
+        task: TaskIndex,
+        attempt: u64,
+        error: &str,
+    ) -> Result<FailureOutcome, Refusal> {
+        self.check_current(task, attempt)?;
+        let t = &mut self.tasks[task];
+        t.errors.push(format!(
+            "{error} (not retried: another attempt would fail the same way)"
+        ));
+        t.state = TaskState::Failed;
+        Ok(FailureOutcome::JobFailed)
+    }
+
     /// Expires every lease whose time ran out by `now`.
     pub fn expire(&mut self, now: Duration) -> Vec<Expired> {
         let mut expired = Vec::new();
@@ -374,6 +392,75 @@ impl Scheduler {
             }
         }
         released
+    }
+
+    /// The fencing id the next lease gets.
+    pub fn next_attempt(&self) -> u64 {
+        self.next_attempt
+    }
+
+    /// Makes fencing ids start at `floor` (above every id a previous run of
+    /// the job could have handed out).
+    pub fn start_attempts_at(&mut self, floor: u64) {
+        self.next_attempt = self.next_attempt.max(floor);
+    }
+
+    /// Marks `task` done without a lease: its result was committed by an
+    /// earlier run of the job. Call [`Scheduler::refresh_ready`] after the
+    /// last one.
+    pub fn restore_done(&mut self, task: TaskIndex) {
+        self.tasks[task].state = TaskState::Done;
+    }
+
+    /// Makes every blocked task whose dependencies are all done ready.
+    pub fn refresh_ready(&mut self) {
+        for i in 0..self.tasks.len() {
+            if self.tasks[i].state == TaskState::Blocked
+                && self.tasks[i]
+                    .deps
+                    .iter()
+                    .all(|&d| self.tasks[d].state == TaskState::Done)
+            {
+                self.tasks[i].state = TaskState::Ready;
+            }
+        }
+    }
+
+    /// Runs a done `task` again (its result was lost): it becomes ready
+    /// with a fresh attempt budget, and every task not done that needs it,
+    /// directly or not, goes back to blocked. Returns the leases revoked
+    /// that way; those attempts are not counted against their tasks.
+    pub fn reopen(&mut self, task: TaskIndex) -> Vec<(TaskIndex, String, u64)> {
+        let t = &mut self.tasks[task];
+        if t.state != TaskState::Done {
+            return Vec::new();
+        }
+        t.attempts = 0;
+        t.errors.clear();
+        t.state = TaskState::Blocked;
+        let mut revoked = Vec::new();
+        for i in task + 1..self.tasks.len() {
+            let waits = self.tasks[i]
+                .deps
+                .iter()
+                .any(|&d| self.tasks[d].state != TaskState::Done);
+            let t = &mut self.tasks[i];
+            if !waits {
+                continue;
+            }
+            match std::mem::replace(&mut t.state, TaskState::Blocked) {
+                TaskState::Leased {
+                    worker, attempt, ..
+                } => {
+                    t.attempts = t.attempts.saturating_sub(1);
+                    revoked.push((i, worker, attempt));
+                }
+                TaskState::Ready | TaskState::Blocked => {}
+                other => t.state = other,
+            }
+        }
+        self.refresh_ready();
+        revoked
     }
 
     fn give_up_attempt(&mut self, task: TaskIndex, error: String) -> FailureOutcome {
@@ -574,5 +661,63 @@ mod tests {
         );
         assert_eq!(s.index_of("c"), Some(2));
         assert_eq!(s.id(3), "d");
+    }
+
+    #[test]
+    fn restored_tasks_are_done_and_their_dependants_ready() {
+        let mut s = diamond(3);
+        s.restore_done(0);
+        s.restore_done(1);
+        s.refresh_ready();
+        assert_eq!(s.state(2), &TaskState::Ready);
+        assert_eq!(s.state(3), &TaskState::Blocked);
+        s.start_attempts_at(5000);
+        let (t, a) = run(&mut s, "w", secs(0));
+        assert_eq!((t, a), (2, 5000));
+        s.start_attempts_at(10);
+        assert_eq!(s.next_attempt(), 5001, "the floor never goes down");
+    }
+
+    #[test]
+    fn reopening_a_done_task_blocks_and_revokes_what_needs_it() {
+        let mut s = diamond(3);
+        let (a, aa) = run(&mut s, "w1", secs(0));
+        let (b, ab) = run(&mut s, "w2", secs(0));
+        s.complete(a, aa).unwrap();
+        s.complete(b, ab).unwrap();
+        let (c, ac) = run(&mut s, "w1", secs(1));
+        assert_eq!(c, 2);
+        let revoked = s.reopen(a);
+        assert_eq!(revoked, vec![(2, "w1".to_string(), ac)]);
+        assert_eq!(s.state(a), &TaskState::Ready);
+        assert_eq!(s.state(c), &TaskState::Blocked);
+        assert_eq!(s.attempts(c), 0, "a revoked lease is not held against c");
+        assert!(
+            s.check_current(c, ac).is_err(),
+            "c's old attempt is fenced off"
+        );
+        assert_eq!(s.state(b), &TaskState::Done, "b does not need a");
+        assert!(s.reopen(c).is_empty(), "only done tasks reopen");
+        let (again, attempt) = run(&mut s, "w2", secs(2));
+        assert_eq!(again, a);
+        s.complete(a, attempt).unwrap();
+        assert_eq!(s.state(c), &TaskState::Ready);
+    }
+
+    #[test]
+    fn a_permanent_failure_fails_the_job_at_once() {
+        let mut s = diamond(3);
+        let (t, a) = run(&mut s, "w", secs(0));
+        assert_eq!(
+            s.fail_permanently(t, a, "diverged"),
+            Ok(FailureOutcome::JobFailed)
+        );
+        assert_eq!(s.attempts(t), 1);
+        let failure = s.failure().unwrap();
+        assert!(
+            failure.contains("diverged") && failure.contains("not retried"),
+            "{failure}"
+        );
+        assert!(s.is_over());
     }
 }

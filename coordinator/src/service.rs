@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::checksum::sha256_hex;
 use proto::pb::{self, coordinator_server::Coordinator};
 use proto::CHUNK_BYTES;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -61,11 +62,14 @@ impl SharedJob {
 /// Maps a job error to a gRPC status: the one place that decides codes.
 pub fn status(e: JobError) -> Status {
     match &e {
-        JobError::UnknownWorker(_) => Status::unauthenticated(e.to_string()),
+        // Not UNAUTHENTICATED (a wrong token): the worker should register
+        // again, as it must after the coordinator restarted.
+        JobError::UnknownWorker(_) => Status::aborted(e.to_string()),
         JobError::UnknownTask(_) | JobError::UnknownArtifact(_) => Status::not_found(e.to_string()),
         JobError::Refused(_) => Status::failed_precondition(e.to_string()),
         JobError::BadResult { .. } => Status::invalid_argument(e.to_string()),
-        JobError::Storage(_) => Status::internal(e.to_string()),
+        JobError::Storage(_) | JobError::State(_) => Status::internal(e.to_string()),
+        JobError::Regenerating { .. } => Status::data_loss(e.to_string()),
     }
 }
 
@@ -222,13 +226,22 @@ impl Coordinator for CoordinatorService {
             .shared
             .with_now(|job, now| job.artifact(&req.worker_id, &req.name, now))
             .map_err(status)?;
-        let mut file = tokio::fs::File::open(&artifact.path).await.map_err(|e| {
-            Status::internal(format!("cannot open {}: {e}", artifact.path.display()))
-        })?;
+        let mut file = match tokio::fs::File::open(&artifact.path).await {
+            Ok(f) => f,
+            Err(e) => {
+                let problem = format!("unreadable ({e})");
+                let lost = self
+                    .shared
+                    .with(|job| job.artifact_lost(&req.name, &problem));
+                return Err(status(lost));
+            }
+        };
+        let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let name = req.name.clone();
         let header = pb::ArtifactRef {
             name: req.name,
-            sha256: artifact.sha256,
+            sha256: artifact.sha256.clone(),
             size: artifact.size,
         };
         tokio::spawn(async move {
@@ -239,12 +252,27 @@ impl Coordinator for CoordinatorService {
                 return;
             }
             let mut buf = vec![0u8; CHUNK_BYTES];
+            // Every read is verified: a file that changed on disk since it
+            // was stored ends the stream with DATA_LOSS and is regenerated.
+            let mut hasher = Sha256::new();
             loop {
                 let msg = match file.read(&mut buf).await {
-                    Ok(0) => return,
-                    Ok(n) => Ok(pb::ArtifactChunk {
-                        part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())),
-                    }),
+                    Ok(0) => {
+                        let found = hex::encode(hasher.finalize());
+                        if found != artifact.sha256 {
+                            let problem =
+                                format!("corrupt (sha256 {found}, {} was stored)", artifact.sha256);
+                            let lost = shared.with(|job| job.artifact_lost(&name, &problem));
+                            let _ = tx.send(Err(status(lost))).await;
+                        }
+                        return;
+                    }
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        Ok(pb::ArtifactChunk {
+                            part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())),
+                        })
+                    }
                     Err(e) => Err(Status::internal(format!(
                         "reading {}: {e}",
                         artifact.path.display()

@@ -35,6 +35,11 @@ impl ArtifactStore {
         }
     }
 
+    /// The folder the artifacts live under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The file an artifact called `name` lives in: `dataset` →
     /// `dataset.safetensors`, `models/<m>` → `models/<m>.safetensors`,
     /// `transfer/<file>` → `transfer/<file>`, `specialists/clusters.json`

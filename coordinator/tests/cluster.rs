@@ -86,23 +86,40 @@ temperature = 4.0
     path
 }
 
-/// A coordinator listening on a free loopback port.
+/// A coordinator listening on a loopback port; its log lines (and those of
+/// its local workers) arrive on `logs`.
 struct Coordinator {
     child: Child,
     url: String,
     stdout: BufReader<ChildStdout>,
+    logs: Receiver<String>,
 }
 
 impl Coordinator {
+    /// A coordinator on a free port, without local workers.
     fn start(config: &Path) -> Self {
+        Coordinator::start_with(config, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// A coordinator started with `args` after `--config`.
+    fn start_with(config: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(coordinator_bin())
             .arg("--config")
             .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .env(TOKEN_ENV, TOKEN)
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, logs) = channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[coordinator] {line}");
+                let _ = tx.send(line);
+            }
+        });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
@@ -111,17 +128,34 @@ impl Coordinator {
             .strip_prefix("coordinator listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Coordinator { child, url, stdout }
+        Coordinator {
+            child,
+            url,
+            stdout,
+            logs,
+        }
     }
 
     /// Waits for the coordinator to exit; returns its success and stdout.
-    fn wait(mut self, limit: Duration) -> (bool, String) {
+    fn wait(self, limit: Duration) -> (bool, String) {
+        let (ok, stdout, _) = self.wait_with_logs(limit);
+        (ok, stdout)
+    }
+
+    /// Waits for the coordinator to exit; returns its success, stdout and
+    /// the log lines not yet taken from `logs`.
+    fn wait_with_logs(mut self, limit: Duration) -> (bool, String, Vec<String>) {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let mut rest = String::new();
                 std::io::Read::read_to_string(&mut self.stdout, &mut rest).unwrap();
-                return (status.success(), rest);
+                // The log thread ends at the pipe's end.
+                let mut logs = Vec::new();
+                while let Ok(line) = self.logs.recv_timeout(Duration::from_secs(5)) {
+                    logs.push(line);
+                }
+                return (status.success(), rest, logs);
             }
             if started.elapsed() > limit {
                 let _ = self.child.kill();
@@ -130,6 +164,41 @@ impl Coordinator {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// Waits for a log line containing `message`; returns it.
+    fn wait_for_log(&self, message: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(line) if line.contains(message) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no {message:?} log line within {limit:?}"),
+            }
+        }
+    }
+}
+
+/// The `task=` field of a log line.
+fn task_of(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("task="))
+        .map(|t| t.trim_matches('"').to_string())
+}
+
+/// The tasks the coordinator itself logged `message` for, in order.
+fn coordinator_tasks(logs: &[String], message: &str) -> Vec<String> {
+    logs.iter()
+        .filter(|l| l.contains("coordinator::job") && l.contains(message))
+        .filter_map(|l| task_of(l))
+        .collect()
+}
+
+/// A free loopback address, for a coordinator that must come back on the
+/// address its workers know.
+fn free_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }
 
 /// Worker processes whose log lines arrive on one channel as `(index, line)`.
@@ -304,42 +373,293 @@ fn coordinator_and_two_workers_run_a_job_to_completion() {
     check_outputs(&dir.path().join("out"));
 }
 
+/// The files whose bytes must not depend on faults: the models, the
+/// transfer set's shards and its manifest.
+fn result_files(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    ["models", "transfer"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(out.join(dir)).unwrap())
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let name = p.strip_prefix(out).unwrap().display().to_string();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+/// What to do to a worker, and when.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL it once it has trained one epoch of a teacher.
+    KillMidTeacher,
+    /// SIGKILL it as it starts a transfer-set inference task.
+    KillMidInference,
+    /// SIGSTOP it mid-teacher past its lease, then SIGCONT it.
+    StallPastLease,
+}
+
+/// Runs the fault-test job in a fresh folder with two separate workers,
+/// doing `fault` to one of them; returns the output folder (kept in `dir`).
+fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
+    let config = write_config(dir, 300);
+    let coordinator = Coordinator::start(&config);
+    let mut workers = Workers::start(2, &coordinator.url, dir);
+    let signal = |pid: u32, sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    if let Some(fault) = fault {
+        let mut current: [Option<(String, String)>; 2] = [None, None];
+        let (victim, task, attempt) = loop {
+            let (i, line) = workers
+                .lines
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{fault:?} found no moment to strike"));
+            if line.contains("task started") {
+                let task = task_of(&line).unwrap();
+                let attempt = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("attempt="))
+                    .unwrap()
+                    .to_string();
+                if matches!(fault, Fault::KillMidInference) && task.starts_with("infer-") {
+                    break (i, task, attempt);
+                }
+                current[i] = Some((task, attempt));
+            }
+            if !matches!(fault, Fault::KillMidInference) && line.contains("epoch done") {
+                if let Some((task, attempt)) = current[i].clone() {
+                    if task.starts_with("teacher-") {
+                        break (i, task, attempt);
+                    }
+                }
+            }
+        };
+        let pid = workers.children[victim].id();
+        match fault {
+            Fault::KillMidTeacher | Fault::KillMidInference => {
+                signal(pid, "-KILL");
+                workers.children[victim].wait().unwrap();
+            }
+            Fault::StallPastLease => {
+                signal(pid, "-STOP");
+                coordinator.wait_for_log("lease expired", Duration::from_secs(30));
+                signal(pid, "-CONT");
+            }
+        }
+        let (ok, stdout, logs) = coordinator.wait_with_logs(Duration::from_secs(240));
+        assert!(ok, "coordinator failed after {fault:?}:\n{stdout}");
+        let accepted = logs.iter().any(|l| {
+            l.contains("coordinator::job")
+                && l.contains("task finished")
+                && task_of(l).as_deref() == Some(task.as_str())
+                && l.contains(&format!("attempt={attempt} "))
+        });
+        match fault {
+            // A teacher takes hundreds of epochs: the kill lands mid-task.
+            Fault::KillMidTeacher => assert!(!accepted, "{task} attempt {attempt} finished"),
+            // Inference takes milliseconds: the kill may land after the
+            // upload; either way the outputs must not change.
+            Fault::KillMidInference => eprintln!(
+                "{task} attempt {attempt} {} before the kill",
+                if accepted {
+                    "finished"
+                } else {
+                    "did not finish"
+                }
+            ),
+            Fault::StallPastLease => {
+                assert!(
+                    !accepted,
+                    "the late result of {task} attempt {attempt} was accepted"
+                );
+                let victim_saw = workers.lines.try_iter().any(|(i, l)| {
+                    i == victim && (l.contains("revoked the lease") || l.contains("result refused"))
+                });
+                assert!(
+                    victim_saw,
+                    "the stalled worker learns that its lease is gone"
+                );
+            }
+        }
+    } else {
+        let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+        assert!(ok, "coordinator failed:\n{stdout}");
+    }
+    for (i, child) in workers.children.iter_mut().enumerate() {
+        let status = child.wait().unwrap();
+        assert!(
+            status.success()
+                || matches!(fault, Some(Fault::KillMidTeacher | Fault::KillMidInference)),
+            "worker {i} failed: {status}"
+        );
+    }
+    let out = dir.join("out");
+    check_outputs(&out);
+    out
+}
+
+/// SIGKILL a worker mid-teacher and mid-inference, and SIGSTOP one past its
+/// lease: each job finishes, the stalled worker's late result is refused,
+/// and the models and the transfer set are byte-identical to those of an
+/// uninterrupted run with the same seed and thread count.
 #[test]
-fn job_completes_when_a_worker_is_killed_mid_task() {
+fn killed_or_stalled_workers_leave_the_outputs_byte_identical() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = result_files(&run_with_fault(reference_dir.path(), None));
+    assert_eq!(
+        reference.len(),
+        4 + 5,
+        "4 models, 4 shards and the manifest"
+    );
+    for fault in [
+        Fault::KillMidTeacher,
+        Fault::KillMidInference,
+        Fault::StallPastLease,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let files = result_files(&run_with_fault(dir.path(), Some(fault)));
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>()
+        );
+        for (name, bytes) in &files {
+            assert!(bytes == &reference[name], "{name} differs after {fault:?}");
+        }
+    }
+}
+
+/// SIGKILL the coordinator mid-job and start it again on the same address:
+/// the separately started workers rejoin on their own, the job finishes,
+/// and no task whose result was committed before the kill runs again.
+#[test]
+fn a_coordinator_killed_mid_job_resumes_without_redoing_committed_tasks() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // Long enough teachers that the kill lands inside a training task: the
-    // victim is killed as soon as it reports its first epoch of a teacher,
-    // with hundreds still to go.
-    let config = write_config(dir.path(), 1000);
-    let coordinator = Coordinator::start(&config);
-    let mut workers = Workers::start(2, &coordinator.url, dir.path());
-    let mut training_teacher = [false; 2];
-    let victim = loop {
-        let (i, line) = workers
-            .lines
-            .recv_timeout(Duration::from_secs(120))
-            .expect("a worker trains a teacher");
-        if line.contains("task started") {
-            training_teacher[i] = line.contains("teacher-");
-        }
-        if training_teacher[i] && line.contains("epoch done") {
-            break i;
-        }
+    let config = write_config(dir.path(), 10);
+    let listen = free_loopback_address();
+    let mut first = Coordinator::start_with(&config, &["--listen", &listen]);
+    let mut workers = Workers::start(2, &first.url, dir.path());
+    let mut committed = Vec::new();
+    while committed.len() < 3 {
+        let line = first.wait_for_log("task finished", Duration::from_secs(120));
+        committed.push(task_of(&line).expect("a task id"));
+    }
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    // Anything logged between the third commit and the kill counts too.
+    committed.extend(coordinator_tasks(
+        &first.logs.try_iter().collect::<Vec<_>>(),
+        "task finished",
+    ));
+
+    let second = Coordinator::start_with(&config, &["--listen", &listen]);
+    let (ok, stdout, logs) = second.wait_with_logs(Duration::from_secs(240));
+    assert!(ok, "the restarted coordinator failed:\n{stdout}");
+    let resumed = logs
+        .iter()
+        .find(|l| l.contains("resuming the job from its state"))
+        .expect("the second run resumes");
+    assert!(
+        resumed.contains(&format!("done={}", committed.len())),
+        "{resumed} after committing {committed:?}"
+    );
+    let started_again = coordinator_tasks(&logs, "task started");
+    assert!(!started_again.is_empty(), "the rest of the job ran");
+    for task in &committed {
+        assert!(
+            !started_again.contains(task),
+            "{task} was committed before the kill and ran again: {started_again:?}"
+        );
+    }
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l.contains("worker registered"))
+            .count(),
+        2,
+        "both workers rejoined"
+    );
+    assert_eq!(
+        workers.wait_all(Duration::from_secs(30)),
+        vec![true, true],
+        "the workers were told the job is over"
+    );
+    check_outputs(&dir.path().join("out"));
+}
+
+/// A finished job started again checks its files: a corrupted shard is
+/// found, logged and made again (byte-identical), and nothing else runs. A
+/// changed config is then refused, naming the key, and `--fresh` starts
+/// the job over.
+#[test]
+fn a_corrupt_shard_is_regenerated_and_a_changed_config_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 10);
+    let local = [
+        "--listen",
+        "127.0.0.1:0",
+        "--local-workers",
+        "2",
+        "--local-worker-threads",
+        "1",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = local.iter().chain(extra).copied().collect();
+        Coordinator::start_with(&config, &args).wait_with_logs(Duration::from_secs(240))
     };
-    workers.children[victim].kill().unwrap(); // SIGKILL
-    workers.children[victim].wait().unwrap();
-    let finished_before_kill = workers
-        .lines
-        .try_iter()
-        .any(|(i, l)| i == victim && l.contains("task finished"));
-    assert!(!finished_before_kill, "the kill must land mid-task");
-    let (ok, stdout) = coordinator.wait(Duration::from_secs(300));
-    assert!(ok, "coordinator failed:\n{stdout}");
-    let survivor = 1 - victim;
-    assert!(workers.children[survivor].wait().unwrap().success());
-    let report = check_outputs(&dir.path().join("out"));
-    assert!(report["models"][0]["test_accuracy"].as_f64().unwrap() > 0.6);
+    let (ok, stdout, logs) = run(&[]);
+    assert!(ok, "{stdout}");
+    let all_tasks = coordinator_tasks(&logs, "task started");
+    let out = dir.path().join("out");
+    let shard = out.join("transfer/shard-00001.safetensors");
+    let good = std::fs::read(&shard).unwrap();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x55;
+    std::fs::write(&shard, &bad).unwrap();
+
+    let (ok, stdout, logs) = run(&[]);
+    assert!(ok, "{stdout}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("a committed result is lost") && l.contains("infer-00001")),
+        "the corruption is logged"
+    );
+    assert_eq!(coordinator_tasks(&logs, "task started"), ["infer-00001"]);
+    assert_eq!(std::fs::read(&shard).unwrap(), good, "made again, the same");
+    check_outputs(&out);
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("seed = 3", "seed = 4")).unwrap();
+    let out_of_changed = Command::new(coordinator_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(local)
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out_of_changed.status.success());
+    let err = String::from_utf8_lossy(&out_of_changed.stderr);
+    assert!(
+        err.contains("seed (3 → 4)") && err.contains("--fresh"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), good, "nothing was touched");
+
+    let (ok, stdout, logs) = run(&["--fresh"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        coordinator_tasks(&logs, "task started").len(),
+        all_tasks.len(),
+        "--fresh runs every task"
+    );
+    check_outputs(&out);
 }
 
 #[test]

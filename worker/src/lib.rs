@@ -83,7 +83,7 @@ async fn serve(
             .await;
         let outcome = match lease {
             Ok(r) => r.into_inner().outcome,
-            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+            Err(s) if s.code() == tonic::Code::Aborted => {
                 // The coordinator no longer knows us (it restarted): join again.
                 let (c, r) = register(opts, caps).await?;
                 client = c;

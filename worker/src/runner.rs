@@ -120,7 +120,14 @@ pub async fn run_task(
             };
             match client::upload(client, meta, output.payload).await {
                 Ok(_) => tracing::info!(task = %task_id, attempt, seconds, "task finished"),
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::Aborted
+                    ) =>
+                {
+                    // The attempt is stale, or the coordinator restarted and
+                    // forgot it: the task runs again under a new lease.
                     tracing::warn!(task = %task_id, attempt, "result refused: {}", s.message())
                 }
                 Err(s) if crate::is_transient(&s) => {
@@ -134,6 +141,7 @@ pub async fn run_task(
                         &task_id,
                         attempt,
                         format!("upload refused: {}", s.message()),
+                        false,
                     )
                     .await?
                 }
@@ -142,9 +150,31 @@ pub async fn run_task(
         Err(e) if cancel.load(Ordering::Relaxed) => {
             tracing::warn!(task = %task_id, attempt, "task abandoned: {e:#}");
         }
-        Err(e) => report_failure(client, state, &task_id, attempt, format!("{e:#}")).await?,
+        Err(e) => {
+            let permanent = is_permanent(&e);
+            report_failure(
+                client,
+                state,
+                &task_id,
+                attempt,
+                format!("{e:#}"),
+                permanent,
+            )
+            .await?
+        }
     }
     Ok(())
+}
+
+/// Whether another attempt would fail the same way: a diverging training
+/// run is a deterministic function of its spec and inputs.
+fn is_permanent(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<distill::Error>(),
+            Some(distill::Error::Diverged { .. })
+        )
+    })
 }
 
 async fn report_failure(
@@ -153,17 +183,39 @@ async fn report_failure(
     task: &str,
     attempt: u64,
     error: String,
+    permanent: bool,
 ) -> anyhow::Result<()> {
-    tracing::error!(task, attempt, %error, "task failed");
+    tracing::error!(task, attempt, %error, permanent, "task failed");
     let report = pb::FailureReport {
         worker_id: state.worker_id.clone(),
         task_id: task.into(),
         attempt,
         error,
+        permanent,
     };
     match client.report_failure(report).await {
         Ok(_) => Ok(()),
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(()),
+        // A stale attempt, or a coordinator that restarted: nothing to report.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Aborted
+            ) =>
+        {
+            Ok(())
+        }
+        // The lease will expire (or the coordinator restarted and forgot
+        // it): the task runs again either way, and the lease loop
+        // reconnects.
+        Err(s) if crate::is_transient(&s) => {
+            tracing::warn!(
+                task,
+                attempt,
+                "could not report the failure, the coordinator is unreachable: {}",
+                s.message()
+            );
+            Ok(())
+        }
         Err(s) => Err(s).context("reporting a failure"),
     }
 }
@@ -186,6 +238,11 @@ async fn heartbeat_loop(
                 return;
             }
             Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::Aborted => {
+                tracing::warn!(task = %req.task_id, attempt = req.attempt, "the coordinator restarted and forgot this attempt; stopping");
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
             Err(s) => tracing::warn!(task = %req.task_id, "heartbeat failed: {}", s.message()),
         }
     }
