@@ -264,6 +264,11 @@ pub struct ClusterConfig {
     /// Seconds between job-summary log lines.
     #[serde(default = "default_summary")]
     pub summary_interval_secs: f64,
+    /// A training task uploads a checkpoint (weights, optimizer and random
+    /// state) at the first epoch end after this many seconds; a re-run of
+    /// the task resumes from the latest one. 0: after every epoch.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_secs: f64,
     /// The data.
     pub dataset: DatasetConfig,
     /// The teachers.
@@ -312,10 +317,14 @@ fn default_attempts() -> u32 {
 fn default_summary() -> f64 {
     30.0
 }
+fn default_checkpoint_interval() -> f64 {
+    300.0
+}
 
 /// Top-level keys a restarted job may change (see [`ClusterConfig::identity`]).
-const OPERATIONAL_KEYS: [&str; 9] = [
+const OPERATIONAL_KEYS: [&str; 10] = [
     "listen",
+    "checkpoint_interval_secs",
     "output_dir",
     "authentication",
     "tls",
@@ -453,6 +462,17 @@ impl ClusterConfig {
             return Err(invalid(
                 "summary_interval_secs",
                 format!("must be a number > 0, got {}", self.summary_interval_secs),
+            ));
+        }
+        if !(self.checkpoint_interval_secs.is_finite()
+            && (0.0..=86_400.0).contains(&self.checkpoint_interval_secs))
+        {
+            return Err(invalid(
+                "checkpoint_interval_secs",
+                format!(
+                    "must be a number in 0..=86400 (0: after every epoch), got {}",
+                    self.checkpoint_interval_secs
+                ),
             ));
         }
         let d = &self.dataset;

@@ -9,16 +9,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::transfer::{store_encoded_shard, write_manifest, Manifest, ShardEntry, FORMAT_VERSION};
+use distill::checkpoint::TrainCheckpoint;
 use distill::specialists::ensemble::Clusters;
 use distill::task::{
-    shard_artifact, ModelEvaluation, CLUSTERS_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+    checkpoint_artifact, shard_artifact, ModelEvaluation, TaskSpec, CHECKPOINT_PREFIX,
+    CLUSTERS_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
 };
 use proto::pb;
 
 use crate::cache::TaskCache;
 use crate::plan::{Output, Plan};
 use crate::scheduler::{FailureOutcome, LeaseDecision, Refusal, Scheduler};
-use crate::state::{CommittedTask, StateDb, StateError, ATTEMPT_BLOCK};
+use crate::state::{CommittedTask, StateDb, StateError, StoredCheckpoint, ATTEMPT_BLOCK};
 use crate::store::{ArtifactStore, StoredArtifact};
 
 /// Why a worker's request was refused.
@@ -79,6 +81,8 @@ pub struct Resumed {
     pub restored: Vec<String>,
     /// Tasks whose committed results were missing or corrupt; they run again.
     pub regenerated: Vec<String>,
+    /// Unfinished tasks with a verified checkpoint to resume from.
+    pub checkpoints: Vec<String>,
 }
 
 /// What the coordinator knows about a worker.
@@ -210,7 +214,74 @@ impl Job {
         if self.plan.shards > 0 && self.shard_entries.iter().all(Option::is_some) {
             self.finish_transfer_set()?;
         }
+        for (id, checkpoint) in self.state.checkpoints()? {
+            let path = self.store.root().join(&checkpoint.file);
+            let unfinished = self
+                .scheduler
+                .index_of(&id)
+                .is_some_and(|t| self.scheduler.state(t) != &crate::scheduler::TaskState::Done);
+            match read_verified(&path, &checkpoint.sha256) {
+                Ok(_) if unfinished => {
+                    self.store.record(
+                        &checkpoint_artifact(&id),
+                        path,
+                        checkpoint.sha256,
+                        checkpoint.size,
+                    );
+                    resumed.checkpoints.push(id);
+                }
+                verified => {
+                    if let Err(problem) = verified {
+                        tracing::warn!(task = %id, file = %path.display(), %problem, "a checkpoint is lost; the task starts from the beginning");
+                    }
+                    self.state.forget_checkpoint(&id)?;
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         Ok(resumed)
+    }
+
+    /// Stores a training checkpoint of the current attempt of a training
+    /// task (replacing the task's previous one).
+    pub fn accept_checkpoint(
+        &mut self,
+        header: &pb::UploadHeader,
+        payload: &[u8],
+        now: Duration,
+    ) -> Result<StoredArtifact, JobError> {
+        self.check_upload(header, now)?;
+        let task = self.task_index(&header.task_id)?;
+        let planned = &self.plan.tasks[task];
+        let bad = |reason: String| JobError::BadResult {
+            task: planned.id.clone(),
+            reason,
+        };
+        if !matches!(planned.spec, TaskSpec::Train(_) | TaskSpec::Specialist(_)) {
+            return Err(bad("it trains nothing, so it has no checkpoints".into()));
+        }
+        let checkpoint = TrainCheckpoint::from_bytes(payload, &candle_core::Device::Cpu)
+            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+        let id = planned.id.clone();
+        let stored = self.store.put(&checkpoint_artifact(&id), payload)?.clone();
+        self.state.save_checkpoint(
+            &id,
+            &StoredCheckpoint {
+                file: self.relative(&stored.path),
+                sha256: stored.sha256.clone(),
+                size: stored.size,
+                epochs_done: checkpoint.epochs_done,
+            },
+        )?;
+        tracing::info!(task = %id, attempt = header.attempt, epochs_done = checkpoint.epochs_done, bytes = payload.len(), "checkpoint stored");
+        Ok(stored)
+    }
+
+    /// `path` relative to the output folder.
+    fn relative(&self, path: &Path) -> PathBuf {
+        path.strip_prefix(self.store.root())
+            .unwrap_or(path)
+            .to_path_buf()
     }
 
     /// Makes `task` done with its committed result (`bytes`, verified).
@@ -270,6 +341,13 @@ impl Job {
             name: name.to_string(),
             problem: problem.to_string(),
         };
+        if let Some(task) = name.strip_prefix(CHECKPOINT_PREFIX) {
+            tracing::warn!(task, %problem, "a checkpoint is lost; the task starts from the beginning");
+            if let Err(e) = self.drop_checkpoint(task) {
+                return e;
+            }
+            return lost;
+        }
         if name == TRANSFER_MANIFEST_ARTIFACT {
             tracing::warn!(%problem, "the transfer manifest is lost; writing it again");
             if let Err(e) = self.finish_transfer_set() {
@@ -372,9 +450,12 @@ impl Job {
                     self.attempts_reserved = reserved;
                 }
                 let planned = &self.plan.tasks[task];
+                let checkpoint = checkpoint_artifact(&planned.id);
+                let resume = self.store.get(&checkpoint).is_some().then_some(checkpoint);
                 let inputs = planned
                     .inputs
                     .iter()
+                    .chain(&resume)
                     .map(|name| {
                         let a = self.store.get(name).unwrap_or_else(|| {
                             panic!("input {name} of ready task {} is not stored", planned.id)
@@ -615,11 +696,7 @@ impl Job {
         };
         let commit = CommittedTask {
             artifact: planned.output.artifact(),
-            file: stored
-                .path
-                .strip_prefix(self.store.root())
-                .unwrap_or(&stored.path)
-                .to_path_buf(),
+            file: self.relative(&stored.path),
             sha256: stored.sha256.clone(),
             size: stored.size,
             seconds: header.seconds,
@@ -644,11 +721,22 @@ impl Job {
             self.finish_transfer_set()?;
         }
         self.scheduler.complete(task, header.attempt)?;
+        self.drop_checkpoint(&id)?;
         if let Some(w) = self.workers.get_mut(&header.worker_id) {
             w.task = None;
         }
         tracing::info!(task = %id, attempt = header.attempt, worker = %header.worker_id, seconds = header.seconds, bytes = payload.len(), "task finished");
         Ok(stored)
+    }
+
+    /// Deletes task `id`'s checkpoint, if it has one.
+    fn drop_checkpoint(&mut self, id: &str) -> Result<(), JobError> {
+        let name = checkpoint_artifact(id);
+        if self.store.get(&name).is_some() {
+            self.store.remove(&name)?;
+            self.state.forget_checkpoint(id)?;
+        }
+        Ok(())
     }
 
     /// Writes the manifest once every shard is stored, which makes the
@@ -1139,5 +1227,103 @@ mod tests {
         };
         assert!(!job.fail(&report, SECOND).unwrap());
         assert!(job.scheduler.failure().unwrap().contains("diverged"));
+    }
+
+    fn checkpoint_bytes() -> Vec<u8> {
+        let spec = distill::model::MlpSpec::new(8, vec![4], 3).unwrap();
+        let rng = common::seed::rng(1, common::seed::Stream::Shuffle);
+        let position = distill::checkpoint::RngPosition::of(&rng);
+        let model = distill::model::Mlp::new_random(
+            spec.clone(),
+            &mut common::seed::rng(1, common::seed::Stream::Init),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let params: Vec<candle_core::Tensor> =
+            model.vars().iter().map(|v| v.as_tensor().clone()).collect();
+        TrainCheckpoint {
+            spec,
+            epochs_done: 1,
+            step: 3,
+            velocity: params.clone(),
+            params,
+            rngs: distill::checkpoint::RngPositions {
+                shuffle: position.clone(),
+                dropout: position.clone(),
+                jitter: position,
+            },
+            history: vec![distill::train::EpochStats {
+                epoch: 1,
+                mean_loss: 1.0,
+                validation_errors: 2,
+                learning_rate: 0.1,
+                seconds: 0.5,
+                examples_per_second: 10.0,
+                shard_wait_seconds: 0.0,
+            }],
+            best: None,
+        }
+        .to_bytes()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_goes_to_the_next_attempt_survives_a_restart_and_goes_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let first = leased(&mut job, &w, SECOND);
+        assert_eq!(first.task_id, "teacher-0");
+        assert!(first
+            .inputs
+            .iter()
+            .all(|i| !i.name.starts_with("checkpoints/")));
+        let err = job
+            .accept_checkpoint(&header(&w, &first, b"junk"), b"junk", SECOND)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a checkpoint"), "{err}");
+        let bytes = checkpoint_bytes();
+        job.accept_checkpoint(&header(&w, &first, &bytes), &bytes, SECOND)
+            .unwrap();
+        let file = dir.path().join("checkpoints/teacher-0.safetensors");
+        assert_eq!(std::fs::read(&file).unwrap(), bytes);
+
+        // The coordinator restarts; the lease is gone, the checkpoint not.
+        drop(job);
+        let mut job = self::job(dir.path());
+        assert_eq!(
+            job.resume().unwrap().checkpoints,
+            vec!["teacher-0".to_string()]
+        );
+        let w = job.register(caps(), Duration::ZERO);
+        let again = leased(&mut job, &w, SECOND);
+        assert_eq!(again.task_id, "teacher-0");
+        let input = again
+            .inputs
+            .iter()
+            .find(|i| i.name == "checkpoints/teacher-0")
+            .expect("the re-run gets the checkpoint");
+        assert_eq!(input.sha256, sha256_hex(&bytes));
+        assert!(
+            job.accept_checkpoint(&header(&w, &first, &bytes), &bytes, SECOND)
+                .is_err(),
+            "the old attempt's checkpoints are refused"
+        );
+        let model = model_bytes();
+        job.accept_result(&header(&w, &again, &model), &model, SECOND)
+            .unwrap();
+        assert!(!file.exists(), "a finished task's checkpoint is deleted");
+        assert!(job.state.checkpoints().unwrap().is_empty());
+
+        // Inference trains nothing: it has no checkpoints.
+        let baseline = leased(&mut job, &w, SECOND);
+        job.accept_result(&header(&w, &baseline, &model), &model, SECOND)
+            .unwrap();
+        let infer = leased(&mut job, &w, SECOND);
+        assert_eq!(infer.task_id, "infer-00000");
+        let err = job
+            .accept_checkpoint(&header(&w, &infer, &bytes), &bytes, SECOND)
+            .unwrap_err();
+        assert!(err.to_string().contains("trains nothing"), "{err}");
     }
 }

@@ -33,7 +33,7 @@ use crate::config::ClusterConfig;
 use crate::job::{Job, LeasePolicy};
 use crate::local_workers::LocalWorkers;
 use crate::report::{SplitSizes, TransferSummary};
-use crate::service::{CoordinatorService, SharedJob};
+use crate::service::{CoordinatorService, Intervals, SharedJob};
 use crate::state::StateDb;
 use crate::store::ArtifactStore;
 
@@ -172,6 +172,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         tracing::info!(
             done = resumed.restored.len(),
             regenerated = resumed.regenerated.len(),
+            checkpoints = resumed.checkpoints.len(),
             of = job.scheduler.len(),
             "resuming the job from its state"
         );
@@ -187,7 +188,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let shared = SharedJob::new(
         job,
         started,
-        cfg.heartbeat_interval_ms as u32,
+        Intervals {
+            heartbeat_ms: cfg.heartbeat_interval_ms as u32,
+            checkpoint_ms: (cfg.checkpoint_interval_secs * 1000.0) as u32,
+        },
         cfg.dataset.source.name().into(),
     );
 

@@ -23,17 +23,26 @@ const MAX_UPLOAD_BYTES: u64 = 4 << 30;
 pub struct SharedJob {
     job: Arc<Mutex<Job>>,
     started: Instant,
-    heartbeat_interval_ms: u32,
+    intervals: Intervals,
     job_name: String,
+}
+
+/// What workers are told at registration about timing.
+#[derive(Clone, Copy, Debug)]
+pub struct Intervals {
+    /// How often to heartbeat while running a task, in ms.
+    pub heartbeat_ms: u32,
+    /// How often a training task uploads a checkpoint, in ms.
+    pub checkpoint_ms: u32,
 }
 
 impl SharedJob {
     /// Shares `job`, whose clock started at `started`.
-    pub fn new(job: Job, started: Instant, heartbeat_interval_ms: u32, job_name: String) -> Self {
+    pub fn new(job: Job, started: Instant, intervals: Intervals, job_name: String) -> Self {
         SharedJob {
             job: Arc::new(Mutex::new(job)),
             started,
-            heartbeat_interval_ms,
+            intervals,
             job_name,
         }
     }
@@ -73,6 +82,17 @@ pub fn status(e: JobError) -> Status {
     }
 }
 
+/// The answer to an upload: where the payload was stored.
+fn stored_ref(stored: crate::store::StoredArtifact) -> pb::UploadResponse {
+    pb::UploadResponse {
+        stored: Some(pb::ArtifactRef {
+            name: stored.path.display().to_string(),
+            sha256: stored.sha256,
+            size: stored.size,
+        }),
+    }
+}
+
 /// The `Coordinator` gRPC service.
 #[derive(Clone, Debug)]
 pub struct CoordinatorService {
@@ -84,60 +104,14 @@ impl CoordinatorService {
     pub fn new(shared: SharedJob) -> Self {
         CoordinatorService { shared }
     }
-}
 
-#[tonic::async_trait]
-impl Coordinator for CoordinatorService {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let caps = request
-            .into_inner()
-            .capabilities
-            .ok_or_else(|| Status::invalid_argument("capabilities are missing"))?;
-        let ours = env!("CARGO_PKG_VERSION");
-        if caps.version != ours {
-            return Err(Status::failed_precondition(format!(
-                "worker version {:?} does not match the coordinator's {ours:?}",
-                caps.version
-            )));
-        }
-        let worker_id = self.shared.with_now(|job, now| job.register(caps, now));
-        Ok(Response::new(pb::RegisterResponse {
-            worker_id,
-            heartbeat_interval_ms: self.shared.heartbeat_interval_ms,
-            job: self.shared.job_name.clone(),
-        }))
-    }
-
-    async fn lease_task(
-        &self,
-        request: Request<pb::LeaseRequest>,
-    ) -> Result<Response<pb::LeaseResponse>, Status> {
-        let worker = request.into_inner().worker_id;
-        self.shared
-            .with_now(|job, now| job.lease(&worker, now))
-            .map(Response::new)
-            .map_err(status)
-    }
-
-    async fn heartbeat(
-        &self,
-        request: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let req = request.into_inner();
-        let continue_task = self
-            .shared
-            .with_now(|job, now| job.heartbeat(&req, now))
-            .map_err(status)?;
-        Ok(Response::new(pb::HeartbeatResponse { continue_task }))
-    }
-
-    async fn upload_result(
+    /// Receives an upload: its header (refused at once when the attempt
+    /// is not current or the size is over the limit), then its payload,
+    /// whose length and checksum must match the header.
+    async fn receive_upload(
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
-    ) -> Result<Response<pb::UploadResponse>, Status> {
+    ) -> Result<(pb::UploadHeader, Vec<u8>), Status> {
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|c| c.part) {
             Some(pb::upload_chunk::Part::Header(h)) => h,
@@ -149,7 +123,7 @@ impl Coordinator for CoordinatorService {
         };
         if header.size > MAX_UPLOAD_BYTES {
             return Err(Status::invalid_argument(format!(
-                "result of {} bytes exceeds the {MAX_UPLOAD_BYTES}-byte limit",
+                "an upload of {} bytes exceeds the {MAX_UPLOAD_BYTES}-byte limit",
                 header.size
             )));
         }
@@ -187,6 +161,64 @@ impl Coordinator for CoordinatorService {
                 header.sha256
             )));
         }
+        Ok((header, payload))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caps = request
+            .into_inner()
+            .capabilities
+            .ok_or_else(|| Status::invalid_argument("capabilities are missing"))?;
+        let ours = env!("CARGO_PKG_VERSION");
+        if caps.version != ours {
+            return Err(Status::failed_precondition(format!(
+                "worker version {:?} does not match the coordinator's {ours:?}",
+                caps.version
+            )));
+        }
+        let worker_id = self.shared.with_now(|job, now| job.register(caps, now));
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            heartbeat_interval_ms: self.shared.intervals.heartbeat_ms,
+            checkpoint_interval_ms: self.shared.intervals.checkpoint_ms,
+            job: self.shared.job_name.clone(),
+        }))
+    }
+
+    async fn lease_task(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let worker = request.into_inner().worker_id;
+        self.shared
+            .with_now(|job, now| job.lease(&worker, now))
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let continue_task = self
+            .shared
+            .with_now(|job, now| job.heartbeat(&req, now))
+            .map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse { continue_task }))
+    }
+
+    async fn upload_result(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let (header, payload) = self.receive_upload(request).await?;
         let shared = self.shared.clone();
         let stored = tokio::task::spawn_blocking(move || {
             shared.with_now(|job, now| job.accept_result(&header, &payload, now))
@@ -194,13 +226,22 @@ impl Coordinator for CoordinatorService {
         .await
         .map_err(|e| Status::internal(format!("storing the result panicked: {e}")))?
         .map_err(status)?;
-        Ok(Response::new(pb::UploadResponse {
-            stored: Some(pb::ArtifactRef {
-                name: stored.path.display().to_string(),
-                sha256: stored.sha256,
-                size: stored.size,
-            }),
-        }))
+        Ok(Response::new(stored_ref(stored)))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let (header, payload) = self.receive_upload(request).await?;
+        let shared = self.shared.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            shared.with_now(|job, now| job.accept_checkpoint(&header, &payload, now))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storing the checkpoint panicked: {e}")))?
+        .map_err(status)?;
+        Ok(Response::new(stored_ref(stored)))
     }
 
     async fn report_failure(

@@ -10,6 +10,7 @@
 //!   name, file, checksum and size, and what the report needs. The artifact
 //!   file is written atomically *before* its commit, so a committed task's
 //!   file exists unless something outside the coordinator removed it;
+//! - the latest training *checkpoint* of each unfinished task;
 //! - the *attempt floor*: fencing ids are reserved in blocks, so a restarted
 //!   coordinator never hands out an attempt id that a worker of the previous
 //!   run may still quote.
@@ -37,6 +38,7 @@ const ATTEMPT_FLOOR_KEY: &str = "attempt_floor";
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const COMMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("commits");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 
 /// Fencing ids reserved per database write.
 pub const ATTEMPT_BLOCK: u64 = 1024;
@@ -76,6 +78,19 @@ pub struct CommittedTask {
     pub cached: bool,
     /// The manifest entry, for a transfer-set shard.
     pub shard: Option<ShardEntry>,
+}
+
+/// The latest training checkpoint of an unfinished task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCheckpoint {
+    /// Its file, relative to the output folder.
+    pub file: PathBuf,
+    /// sha256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// Epochs the checkpoint is after.
+    pub epochs_done: usize,
 }
 
 /// The state database of one job.
@@ -189,10 +204,43 @@ impl StateDb {
         })
     }
 
+    /// Records `checkpoint` as task `id`'s latest.
+    pub fn save_checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &StoredCheckpoint,
+    ) -> Result<(), StateError> {
+        let json = serde_json::to_vec(checkpoint).expect("checkpoints serialise");
+        self.write(|tx| {
+            tx.open_table(CHECKPOINTS)?.insert(id, json.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Forgets task `id`'s checkpoint (the task finished, or it is lost).
+    pub fn forget_checkpoint(&self, id: &str) -> Result<(), StateError> {
+        self.write(|tx| {
+            tx.open_table(CHECKPOINTS)?.remove(id)?;
+            Ok(())
+        })
+    }
+
+    /// Every task's latest checkpoint by task id.
+    pub fn checkpoints(&self) -> Result<BTreeMap<String, StoredCheckpoint>, StateError> {
+        self.read_all(CHECKPOINTS)
+    }
+
     /// Every committed task by id.
     pub fn committed(&self) -> Result<BTreeMap<String, CommittedTask>, StateError> {
+        self.read_all(COMMITS)
+    }
+
+    fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<BTreeMap<String, T>, StateError> {
         let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let table = match tx.open_table(COMMITS) {
+        let table = match tx.open_table(table) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
             Err(e) => return Err(self.db_err(e)),
@@ -200,9 +248,8 @@ impl StateDb {
         let mut out = BTreeMap::new();
         for row in table.iter().map_err(|e| self.db_err(e))? {
             let (id, value) = row.map_err(|e| self.db_err(e))?;
-            let commit: CommittedTask =
-                serde_json::from_slice(value.value()).map_err(|e| self.corrupt(e))?;
-            out.insert(id.value().to_string(), commit);
+            let record: T = serde_json::from_slice(value.value()).map_err(|e| self.corrupt(e))?;
+            out.insert(id.value().to_string(), record);
         }
         Ok(out)
     }
@@ -345,6 +392,15 @@ mod tests {
             db.commit_task("baseline", &commit("bb")).unwrap();
             db.forget_task("baseline").unwrap();
             db.raise_attempt_floor(2049).unwrap();
+            let checkpoint = StoredCheckpoint {
+                file: "checkpoints/student.safetensors".into(),
+                sha256: "cc".into(),
+                size: 9,
+                epochs_done: 4,
+            };
+            db.save_checkpoint("student", &checkpoint).unwrap();
+            db.save_checkpoint("baseline", &checkpoint).unwrap();
+            db.forget_checkpoint("baseline").unwrap();
         }
         let db = StateDb::open(dir.path()).unwrap();
         assert!(db.has_job().unwrap());
@@ -352,6 +408,9 @@ mod tests {
         assert_eq!(committed.len(), 1);
         assert_eq!(committed["teacher-0"], commit("aa"));
         assert_eq!(db.attempt_floor().unwrap(), 2049);
+        let checkpoints = db.checkpoints().unwrap();
+        assert_eq!(checkpoints.len(), 1);
+        assert_eq!(checkpoints["student"].epochs_done, 4);
     }
 
     #[test]

@@ -48,7 +48,9 @@ impl ArtifactStore {
         match name {
             "dataset" => self.root.join("dataset.safetensors"),
             "evaluation" => self.root.join("evaluation.json"),
-            _ if name.starts_with("models/") => self.root.join(format!("{name}.safetensors")),
+            _ if name.starts_with("models/") || name.starts_with("checkpoints/") => {
+                self.root.join(format!("{name}.safetensors"))
+            }
             _ => self.root.join(name),
         }
     }
@@ -75,6 +77,18 @@ impl ArtifactStore {
         self.entries
             .insert(name.to_string(), StoredArtifact { path, sha256, size });
         &self.entries[name]
+    }
+
+    /// Forgets artifact `name` and deletes its file.
+    pub fn remove(&mut self, name: &str) -> common::Result<()> {
+        if let Some(stored) = self.entries.remove(name) {
+            match std::fs::remove_file(&stored.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(common::Error::io(&stored.path, e)),
+            }
+        }
+        Ok(())
     }
 
     /// The artifact called `name`, if stored.

@@ -390,7 +390,7 @@ fn result_files(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// What to do to a worker, and when.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    /// SIGKILL it once it has trained one epoch of a teacher.
+    /// SIGKILL it once it has uploaded a checkpoint of a teacher.
     KillMidTeacher,
     /// SIGKILL it as it starts a transfer-set inference task.
     KillMidInference,
@@ -402,6 +402,16 @@ enum Fault {
 /// doing `fault` to one of them; returns the output folder (kept in `dir`).
 fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
     let config = write_config(dir, 300);
+    // A checkpoint after every epoch: a re-run resumes where the kill hit.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "max_attempts = 3",
+            "max_attempts = 3\ncheckpoint_interval_secs = 0.0",
+        ),
+    )
+    .unwrap();
     let coordinator = Coordinator::start(&config);
     let mut workers = Workers::start(2, &coordinator.url, dir);
     let signal = |pid: u32, sig: &str| {
@@ -431,7 +441,14 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
                 }
                 current[i] = Some((task, attempt));
             }
-            if !matches!(fault, Fault::KillMidInference) && line.contains("epoch done") {
+            let moment = match fault {
+                // Once a checkpoint is stored, so that the next attempt has
+                // one to resume from.
+                Fault::KillMidTeacher => "checkpoint uploaded",
+                Fault::StallPastLease => "epoch done",
+                Fault::KillMidInference => "never",
+            };
+            if line.contains(moment) {
                 if let Some((task, attempt)) = current[i].clone() {
                     if task.starts_with("teacher-") {
                         break (i, task, attempt);
@@ -460,8 +477,19 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
                 && l.contains(&format!("attempt={attempt} "))
         });
         match fault {
-            // A teacher takes hundreds of epochs: the kill lands mid-task.
-            Fault::KillMidTeacher => assert!(!accepted, "{task} attempt {attempt} finished"),
+            // A teacher takes hundreds of epochs: the kill lands mid-task,
+            // and the next attempt resumes from the victim's checkpoint.
+            Fault::KillMidTeacher => {
+                assert!(!accepted, "{task} attempt {attempt} finished");
+                let stored = logs.iter().any(|l| {
+                    l.contains("checkpoint stored") && task_of(l).as_deref() == Some(&task)
+                });
+                let resumed = workers
+                    .lines
+                    .try_iter()
+                    .any(|(i, l)| i != victim && l.contains("resuming training from a checkpoint"));
+                assert!(stored && resumed, "{task} resumed from a checkpoint");
+            }
             // Inference takes milliseconds: the kill may land after the
             // upload; either way the outputs must not change.
             Fault::KillMidInference => eprintln!(

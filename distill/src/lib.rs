@@ -9,6 +9,7 @@
 //! the configured seed ([`common::seed`]).
 
 pub mod augment;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod eval;

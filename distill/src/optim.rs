@@ -78,6 +78,24 @@ impl SgdMomentum {
     pub fn velocity(&self) -> &[Tensor] {
         &self.velocity
     }
+
+    /// Replaces the velocity buffers (from a checkpoint); each must have
+    /// its variable's shape.
+    pub fn set_velocity(&mut self, velocity: Vec<Tensor>) -> Result<()> {
+        if velocity.len() != self.vars.len()
+            || velocity
+                .iter()
+                .zip(&self.vars)
+                .any(|(v, var)| v.dims() != var.dims())
+        {
+            return Err(Error::invalid(
+                "checkpoint",
+                "its momentum buffers do not match the model's parameters",
+            ));
+        }
+        self.velocity = velocity;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

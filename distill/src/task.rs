@@ -38,6 +38,14 @@ pub fn model_artifact(name: &str) -> String {
     format!("models/{name}")
 }
 
+/// Artifact name of the latest training checkpoint of task `task`.
+pub fn checkpoint_artifact(task: &str) -> String {
+    format!("{CHECKPOINT_PREFIX}{task}")
+}
+
+/// How checkpoint artifact names start.
+pub const CHECKPOINT_PREFIX: &str = "checkpoints/";
+
 /// Artifact name of transfer-set shard `index` (its file name in the folder).
 pub fn shard_artifact(index: usize) -> String {
     format!("transfer/{}", common::transfer::shard_file_name(index))
@@ -392,6 +400,18 @@ impl TrainObserver for TestCurve<'_> {
             errors.push(evaluate(self.model, self.test, self.device)?.errors);
         }
         self.inner.on_epoch(stats)
+    }
+
+    fn take_checkpoint(&mut self) -> Option<crate::checkpoint::TrainCheckpoint> {
+        self.inner.take_checkpoint()
+    }
+
+    fn checkpoint_due(&mut self, epochs_done: usize) -> bool {
+        self.inner.checkpoint_due(epochs_done)
+    }
+
+    fn on_checkpoint(&mut self, checkpoint: crate::checkpoint::TrainCheckpoint) -> Result<()> {
+        self.inner.on_checkpoint(checkpoint)
     }
 }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use common::dataset::Dataset;
 use common::seed::{self, ChaCha8Rng, Stream};
+
+use crate::checkpoint::{RngPosition, RngPositions, TrainCheckpoint};
 use common::transfer::{soft_targets, Shard, TransferSet};
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
@@ -141,6 +143,20 @@ pub trait TrainObserver {
     fn on_epoch(&mut self, _stats: &EpochStats) -> Result<()> {
         Ok(())
     }
+    /// Called once before training: a checkpoint of this same run (same
+    /// model, data and config) to go on from instead of starting afresh.
+    fn take_checkpoint(&mut self) -> Option<TrainCheckpoint> {
+        None
+    }
+    /// Called after every epoch but the last: whether to make a checkpoint
+    /// of the run as it stands (handed to [`TrainObserver::on_checkpoint`]).
+    fn checkpoint_due(&mut self, _epochs_done: usize) -> bool {
+        false
+    }
+    /// Receives the checkpoint asked for by [`TrainObserver::checkpoint_due`].
+    fn on_checkpoint(&mut self, _checkpoint: TrainCheckpoint) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A [`TrainObserver`] that hands each epoch's statistics to a closure.
@@ -235,6 +251,13 @@ pub(crate) fn train_on_path(
 ) -> Result<TrainReport> {
     cfg.validate()?;
     check_compatible(model, train, validation, targets, cfg)?;
+    let resume = observer.take_checkpoint();
+    if let Some(checkpoint) = &resume {
+        check_resumable(model, checkpoint, cfg)?;
+        for (var, saved) in model.vars().iter().zip(&checkpoint.params) {
+            var.set(&saved.to_device(device)?)?;
+        }
+    }
     let steps_per_epoch = match targets {
         Targets::Labels => train.len().div_ceil(cfg.batch_size),
         Targets::Enriched { own, rest, .. } => {
@@ -296,7 +319,31 @@ pub(crate) fn train_on_path(
         selected_epoch: cfg.epochs,
     };
     let mut best: Option<(usize, Vec<Tensor>)> = None;
-    for epoch in 1..=cfg.epochs {
+    let mut first_epoch = 1;
+    if let Some(checkpoint) = resume {
+        step.engine.set_velocity(&checkpoint.velocity, device)?;
+        shuffle_rng = checkpoint.rngs.shuffle.restore()?;
+        step.dropout_rng = checkpoint.rngs.dropout.restore()?;
+        step.jitter_rng = checkpoint.rngs.jitter.restore()?;
+        step.step = checkpoint.step;
+        report.epochs = checkpoint.history;
+        best = match checkpoint.best {
+            Some((epoch, saved)) => Some((
+                epoch,
+                saved
+                    .iter()
+                    .map(|t| t.to_device(device))
+                    .collect::<candle_core::Result<_>>()?,
+            )),
+            None => None,
+        };
+        first_epoch = checkpoint.epochs_done + 1;
+        tracing::info!(
+            epochs_done = checkpoint.epochs_done,
+            "resuming training from a checkpoint"
+        );
+    }
+    for epoch in first_epoch..=cfg.epochs {
         let started = Instant::now();
         let mut examples_seen = 0usize;
         step.loss.reset();
@@ -397,6 +444,26 @@ pub(crate) fn train_on_path(
                 .collect::<candle_core::Result<_>>()?;
             best = Some((epoch, snapshot));
         }
+        if epoch < cfg.epochs && observer.checkpoint_due(epoch) {
+            observer.on_checkpoint(TrainCheckpoint {
+                spec: model.spec().clone(),
+                epochs_done: epoch,
+                step: step.step,
+                params: model
+                    .vars()
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?,
+                velocity: step.engine.velocity()?,
+                rngs: RngPositions {
+                    shuffle: RngPosition::of(&shuffle_rng),
+                    dropout: RngPosition::of(&step.dropout_rng),
+                    jitter: RngPosition::of(&step.jitter_rng),
+                },
+                history: report.epochs.clone(),
+                best: best.clone(),
+            })?;
+        }
     }
     if let Some((epoch, snapshot)) = best {
         for (var, saved) in model.vars().iter().zip(&snapshot) {
@@ -411,6 +478,53 @@ pub(crate) fn train_on_path(
 enum Engine {
     Fused(Box<FusedTrainer>),
     Autograd(SgdMomentum),
+}
+
+impl Engine {
+    /// The momentum buffers, in the order of the model's variables.
+    fn velocity(&self) -> Result<Vec<Tensor>> {
+        match self {
+            Engine::Fused(trainer) => trainer.velocity(),
+            Engine::Autograd(optimizer) => Ok(optimizer.velocity().to_vec()),
+        }
+    }
+
+    /// Replaces the momentum buffers (from a checkpoint).
+    fn set_velocity(&mut self, velocity: &[Tensor], device: &Device) -> Result<()> {
+        match self {
+            Engine::Fused(trainer) => trainer.set_velocity(velocity),
+            Engine::Autograd(optimizer) => optimizer.set_velocity(
+                velocity
+                    .iter()
+                    .map(|t| t.to_device(device))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+        }
+    }
+}
+
+/// Checks that `checkpoint` can continue training `model` under `cfg`.
+fn check_resumable(model: &Mlp, checkpoint: &TrainCheckpoint, cfg: &TrainConfig) -> Result<()> {
+    if &checkpoint.spec != model.spec() {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!(
+                "it is of a {:?} model, this run trains {:?}",
+                checkpoint.spec,
+                model.spec()
+            ),
+        ));
+    }
+    if checkpoint.epochs_done >= cfg.epochs {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!(
+                "it is after epoch {}, this run has {} epochs",
+                checkpoint.epochs_done, cfg.epochs
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Calls `f` with each shard of `order` and its soft targets, reading and
@@ -888,6 +1002,143 @@ mod tests {
         );
         // And both learnt: 12 classes, chance would make about 1830 errors.
         assert!(errors[0] < 1000, "{errors:?}");
+    }
+
+    /// Makes a checkpoint after every epoch (through its bytes, as a worker
+    /// would), stops the run after `stop_after` epochs, and resumes from
+    /// `resume` when given one.
+    struct Checkpointing {
+        resume: Option<TrainCheckpoint>,
+        stop_after: Option<usize>,
+        last: Option<TrainCheckpoint>,
+    }
+
+    impl TrainObserver for Checkpointing {
+        fn take_checkpoint(&mut self) -> Option<TrainCheckpoint> {
+            self.resume.take()
+        }
+        fn checkpoint_due(&mut self, _: usize) -> bool {
+            true
+        }
+        fn on_checkpoint(&mut self, checkpoint: TrainCheckpoint) -> Result<()> {
+            let bytes = checkpoint.to_bytes()?;
+            let done = checkpoint.epochs_done;
+            self.last = Some(TrainCheckpoint::from_bytes(&bytes, &Device::Cpu)?);
+            if self.stop_after == Some(done) {
+                return Err(Error::Cancelled(format!("stopped after epoch {done}")));
+            }
+            Ok(())
+        }
+    }
+
+    /// A run stopped after epoch 2 and resumed from its checkpoint ends with
+    /// the same bits as an uninterrupted run, on both step paths, with
+    /// dropout, momentum, a warm-up schedule and the best epoch kept.
+    #[test]
+    fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
+        let data = SyntheticSpec {
+            train_size: 600,
+            test_size: 200,
+            ..SyntheticSpec::default()
+        };
+        let (train_set, validation) = data.generate().unwrap();
+        let spec = MlpSpec::new(train_set.dim(), vec![32, 16], train_set.num_classes()).unwrap();
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 50,
+            warmup_epochs: 1,
+            input_dropout: 0.1,
+            hidden_dropout: 0.3,
+            max_norm: Some(3.0),
+            select: EpochSelection::BestValidation,
+            ..TrainConfig::default()
+        };
+        let device = Device::Cpu;
+        for path in [StepPath::Fused, StepPath::Autograd] {
+            let run = |observer: &mut Checkpointing, init_seed: u64| {
+                let model = Mlp::new_random(
+                    spec.clone(),
+                    &mut seed::rng(init_seed, Stream::Init),
+                    &device,
+                )
+                .unwrap();
+                let result = train_on_path(
+                    &model,
+                    &train_set,
+                    &validation,
+                    Targets::Labels,
+                    &cfg,
+                    &device,
+                    observer,
+                    path,
+                );
+                let bytes =
+                    crate::model_io::to_bytes(&model, common::dataset::Normalization::Identity)
+                        .unwrap();
+                (result, bytes)
+            };
+            let mut whole = Checkpointing {
+                resume: None,
+                stop_after: None,
+                last: None,
+            };
+            let (report, expected) = run(&mut whole, 1);
+            let report = report.unwrap();
+
+            let mut first = Checkpointing {
+                resume: None,
+                stop_after: Some(2),
+                last: None,
+            };
+            let (stopped, _) = run(&mut first, 1);
+            assert!(matches!(stopped, Err(Error::Cancelled(_))), "{path:?}");
+            let checkpoint = first.last.take().unwrap();
+            assert_eq!(checkpoint.epochs_done, 2);
+            // Another initialisation: the checkpoint's weights must win.
+            let mut second = Checkpointing {
+                resume: Some(checkpoint),
+                stop_after: None,
+                last: None,
+            };
+            let (resumed, got) = run(&mut second, 99);
+            let resumed = resumed.unwrap();
+            assert!(got == expected, "{path:?}: the resumed model differs");
+            assert_eq!(resumed.selected_epoch, report.selected_epoch);
+            let losses = |r: &TrainReport| -> Vec<u64> {
+                r.epochs.iter().map(|e| e.mean_loss.to_bits()).collect()
+            };
+            assert_eq!(losses(&resumed), losses(&report), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_model_or_past_the_end_is_refused() {
+        let spec = MlpSpec::new(4, vec![8], 3).unwrap();
+        let model = Mlp::new_random(spec, &mut seed::rng(1, Stream::Init), &Device::Cpu).unwrap();
+        let other = MlpSpec::new(4, vec![9], 3).unwrap();
+        let rng = seed::rng(1, Stream::Shuffle);
+        let checkpoint = |spec: MlpSpec, epochs_done: usize| TrainCheckpoint {
+            spec,
+            epochs_done,
+            step: 0,
+            params: Vec::new(),
+            velocity: Vec::new(),
+            rngs: RngPositions {
+                shuffle: RngPosition::of(&rng),
+                dropout: RngPosition::of(&rng),
+                jitter: RngPosition::of(&rng),
+            },
+            history: Vec::new(),
+            best: None,
+        };
+        let cfg = TrainConfig {
+            epochs: 3,
+            ..TrainConfig::default()
+        };
+        let err = check_resumable(&model, &checkpoint(other, 1), &cfg).unwrap_err();
+        assert!(err.to_string().contains("model"), "{err}");
+        let err = check_resumable(&model, &checkpoint(model.spec().clone(), 3), &cfg).unwrap_err();
+        assert!(err.to_string().contains("after epoch 3"), "{err}");
     }
 
     #[test]

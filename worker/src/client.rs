@@ -164,9 +164,20 @@ pub struct UploadMeta {
     pub summary_json: Vec<u8>,
 }
 
-/// Uploads a result: a header with the checksum, then chunks.
+/// What an upload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadKind {
+    /// A task's result.
+    Result,
+    /// A training checkpoint of the running attempt.
+    Checkpoint,
+}
+
+/// Uploads a result or a checkpoint: a header with the checksum, then
+/// chunks.
 pub async fn upload(
     client: &mut Client,
+    kind: UploadKind,
     meta: UploadMeta,
     payload: Vec<u8>,
 ) -> Result<pb::UploadResponse, tonic::Status> {
@@ -185,8 +196,10 @@ pub async fn upload(
     messages.extend(payload.chunks(CHUNK_BYTES).map(|c| pb::UploadChunk {
         part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
     }));
-    Ok(client
-        .upload_result(tokio_stream::iter(messages))
-        .await?
-        .into_inner())
+    let messages = tokio_stream::iter(messages);
+    let response = match kind {
+        UploadKind::Result => client.upload_result(messages).await?,
+        UploadKind::Checkpoint => client.upload_checkpoint(messages).await?,
+    };
+    Ok(response.into_inner())
 }

@@ -60,6 +60,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let state = WorkerState {
         worker_id: registered.worker_id,
         heartbeat: Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10))),
+        checkpoint_interval: Duration::from_millis(u64::from(registered.checkpoint_interval_ms)),
         cache,
         scratch: opts.scratch.clone(),
         device,

@@ -12,16 +12,17 @@ use anyhow::Context;
 use candle_core::Device;
 use common::dataset::bundle::decode_splits;
 use common::dataset::Splits;
+use distill::checkpoint::TrainCheckpoint;
 use distill::specialists::ensemble::Clusters;
 use distill::task::{
-    TaskInputs, TaskOutput, TaskSpec, CLUSTERS_ARTIFACT, DATASET_ARTIFACT,
+    TaskInputs, TaskOutput, TaskSpec, CHECKPOINT_PREFIX, CLUSTERS_ARTIFACT, DATASET_ARTIFACT,
     TRANSFER_MANIFEST_ARTIFACT,
 };
 use distill::train::{EpochStats, StepProgress, TrainObserver};
 use proto::pb;
 
 use crate::cache::ArtifactCache;
-use crate::client::{self, Client, UploadMeta};
+use crate::client::{self, Client, UploadKind, UploadMeta};
 
 /// What stays loaded between tasks.
 pub struct WorkerState {
@@ -29,6 +30,8 @@ pub struct WorkerState {
     pub worker_id: String,
     /// Heartbeat period.
     pub heartbeat: Duration,
+    /// How often a training task uploads a checkpoint.
+    pub checkpoint_interval: Duration,
     /// Downloaded artifacts.
     pub cache: ArtifactCache,
     /// Scratch folder (transfer sets are assembled here).
@@ -39,11 +42,22 @@ pub struct WorkerState {
     pub dataset: Option<(String, Arc<Splits>)>,
 }
 
-/// Feeds progress to the heartbeat loop and stops training when told to.
+/// Feeds progress to the heartbeat loop, stops training when told to,
+/// hands training the checkpoint to resume from and sends its new ones to
+/// the uploader.
 struct Observer {
     progress: Arc<Mutex<pb::Progress>>,
     cancel: Arc<AtomicBool>,
     phase: &'static str,
+    resume: Option<TrainCheckpoint>,
+    checkpoints: CheckpointSink,
+}
+
+/// Where a task's checkpoints go, and when.
+struct CheckpointSink {
+    interval: Duration,
+    last: Instant,
+    uploads: tokio::sync::mpsc::Sender<Vec<u8>>,
 }
 
 impl Observer {
@@ -76,6 +90,24 @@ impl TrainObserver for Observer {
     fn on_epoch(&mut self, _: &EpochStats) -> distill::Result<()> {
         self.check()
     }
+
+    fn take_checkpoint(&mut self) -> Option<TrainCheckpoint> {
+        self.resume.take()
+    }
+
+    fn checkpoint_due(&mut self, _epochs_done: usize) -> bool {
+        self.checkpoints.last.elapsed() >= self.checkpoints.interval
+    }
+
+    fn on_checkpoint(&mut self, checkpoint: TrainCheckpoint) -> distill::Result<()> {
+        let bytes = checkpoint.to_bytes()?;
+        // The previous checkpoint still uploading: skip this one rather than
+        // make training wait.
+        if self.checkpoints.uploads.try_send(bytes).is_ok() {
+            self.checkpoints.last = Instant::now();
+        }
+        Ok(())
+    }
 }
 
 /// Runs `assignment` to the end: uploads its result or reports its failure.
@@ -106,7 +138,33 @@ pub async fn run_task(
         progress.clone(),
         cancel.clone(),
     ));
-    let result = execute(client, state, &assignment, progress, cancel.clone()).await;
+    let (checkpoints, uploads) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let uploader = tokio::spawn(upload_checkpoints(
+        client.clone(),
+        UploadMeta {
+            worker_id: state.worker_id.clone(),
+            task_id: task_id.clone(),
+            attempt,
+            seconds: 0.0,
+            summary_json: Vec::new(),
+        },
+        uploads,
+    ));
+    let sink = CheckpointSink {
+        interval: state.checkpoint_interval,
+        last: Instant::now(),
+        uploads: checkpoints,
+    };
+    let result = execute(client, state, &assignment, progress, cancel.clone(), sink).await;
+    if result.is_ok() {
+        // The result makes any checkpoint moot.
+        uploader.abort();
+    } else if tokio::time::timeout(Duration::from_secs(30), uploader)
+        .await
+        .is_err()
+    {
+        tracing::warn!(task = %task_id, "gave up uploading the last checkpoint");
+    }
     heartbeats.abort();
     let seconds = started.elapsed().as_secs_f64();
     match result {
@@ -118,7 +176,7 @@ pub async fn run_task(
                 seconds,
                 summary_json: serde_json::to_vec(&output.summary).expect("summary serialises"),
             };
-            match client::upload(client, meta, output.payload).await {
+            match client::upload(client, UploadKind::Result, meta, output.payload).await {
                 Ok(_) => tracing::info!(task = %task_id, attempt, seconds, "task finished"),
                 Err(s)
                     if matches!(
@@ -220,6 +278,24 @@ async fn report_failure(
     }
 }
 
+/// Uploads the checkpoints that training sends, one at a time, until
+/// training ends (the channel closes).
+async fn upload_checkpoints(
+    mut client: Client,
+    meta: UploadMeta,
+    mut uploads: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    while let Some(bytes) = uploads.recv().await {
+        let size = bytes.len();
+        match client::upload(&mut client, UploadKind::Checkpoint, meta.clone(), bytes).await {
+            Ok(_) => tracing::info!(task = %meta.task_id, bytes = size, "checkpoint uploaded"),
+            Err(s) => {
+                tracing::warn!(task = %meta.task_id, "checkpoint upload failed: {}", s.message())
+            }
+        }
+    }
+}
+
 async fn heartbeat_loop(
     mut client: Client,
     mut req: pb::HeartbeatRequest,
@@ -268,6 +344,7 @@ async fn execute(
     assignment: &pb::TaskAssignment,
     progress: Arc<Mutex<pb::Progress>>,
     cancel: Arc<AtomicBool>,
+    checkpoints: CheckpointSink,
 ) -> anyhow::Result<TaskOutput> {
     let spec: TaskSpec = serde_json::from_slice(&assignment.spec_json)
         .context("the task spec is not valid (coordinator and worker versions differ?)")?;
@@ -275,8 +352,17 @@ async fn execute(
     let mut transfer_files = Vec::new();
     let mut dataset = None;
     let mut clusters = None;
+    let mut resume = None;
     for input in &assignment.inputs {
-        if input.name == DATASET_ARTIFACT {
+        if input.name.starts_with(CHECKPOINT_PREFIX) {
+            let bytes = fetch(client, state, input).await?;
+            let checkpoint = TrainCheckpoint::from_bytes(&bytes, &state.device)?;
+            tracing::info!(
+                epochs_done = checkpoint.epochs_done,
+                "resuming from the latest checkpoint"
+            );
+            resume = Some(checkpoint);
+        } else if input.name == DATASET_ARTIFACT {
             dataset = Some(input);
         } else if let Some(model) = input.name.strip_prefix("models/") {
             models.insert(model.to_string(), fetch(client, state, input).await?);
@@ -319,6 +405,8 @@ async fn execute(
         progress,
         cancel,
         phase,
+        resume,
+        checkpoints,
     };
     // Compute runs on its own thread; the runtime keeps heartbeating.
     let span = tracing::Span::current();

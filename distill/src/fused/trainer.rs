@@ -210,6 +210,46 @@ impl FusedTrainer {
         }
     }
 
+    /// The momentum buffers as tensors, `weight` then `bias` per layer (the
+    /// order of the model's variables).
+    pub fn velocity(&self) -> Result<Vec<Tensor>> {
+        let cpu = &candle_core::Device::Cpu;
+        let mut out = Vec::with_capacity(2 * self.layers.len());
+        for l in &self.layers {
+            out.push(Tensor::from_slice(
+                &l.weight_velocity,
+                (l.fan_out, l.fan_in),
+                cpu,
+            )?);
+            out.push(Tensor::from_slice(&l.bias_velocity, l.fan_out, cpu)?);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the momentum buffers (from a checkpoint), given as
+    /// [`FusedTrainer::velocity`] returns them.
+    pub fn set_velocity(&mut self, velocity: &[Tensor]) -> Result<()> {
+        let mismatch = || {
+            crate::Error::invalid(
+                "checkpoint",
+                "its momentum buffers do not match the model's parameters",
+            )
+        };
+        if velocity.len() != 2 * self.layers.len() {
+            return Err(mismatch());
+        }
+        for (l, pair) in self.layers.iter_mut().zip(velocity.chunks(2)) {
+            let weight = pair[0].flatten_all()?.to_vec1::<f32>()?;
+            let bias = pair[1].to_vec1::<f32>()?;
+            if weight.len() != l.weight_velocity.len() || bias.len() != l.bias_velocity.len() {
+                return Err(mismatch());
+            }
+            l.weight_velocity = weight;
+            l.bias_velocity = bias;
+        }
+        Ok(())
+    }
+
     /// Copies the trained parameters into `model`'s variables.
     pub fn write_back(&self, model: &Mlp) -> Result<()> {
         for (layer, dense) in self.layers.iter().zip(model.layers()) {
