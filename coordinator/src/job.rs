@@ -767,6 +767,11 @@ impl Job {
     pub fn fail(&mut self, report: &pb::FailureReport, now: Duration) -> Result<bool, JobError> {
         self.touch(&report.worker_id, now)?.task = None;
         let task = self.task_index(&report.task_id)?;
+        if report.released {
+            self.scheduler.release(task, report.attempt)?;
+            tracing::info!(task = %report.task_id, attempt = report.attempt, worker = %report.worker_id, "task given back by a stopping worker");
+            return Ok(true);
+        }
         let outcome = if report.permanent {
             self.scheduler
                 .fail_permanently(task, report.attempt, &report.error)?

@@ -56,6 +56,10 @@ pub struct Options {
     pub fresh: bool,
 }
 
+/// What to do after the coordinator stopped early.
+const RESUME_HINT: &str = "every finished task and the latest checkpoints are saved: start the \
+    coordinator again with the same config to resume";
+
 /// The state folder under the output folder.
 pub const STATE_DIR: &str = "state";
 
@@ -254,7 +258,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if let Some(local) = local {
-        local.finish(Duration::from_secs(5)).await;
+        if result.is_err() {
+            // Let them give their tasks back (with a checkpoint) and exit.
+            local.terminate();
+        }
+        local.finish(Duration::from_secs(30)).await;
     }
     result
 }
@@ -293,8 +301,8 @@ async fn supervise(
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (Ctrl-C); the job did not finish"),
-            _ = sigterm.recv() => anyhow::bail!("terminated (SIGTERM); the job did not finish"),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (Ctrl-C) before the job finished; {RESUME_HINT}"),
+            _ = sigterm.recv() => anyhow::bail!("terminated (SIGTERM) before the job finished; {RESUME_HINT}"),
         }
         let (over, failure) = shared.with_now(|job, now| {
             job.tick(now);

@@ -89,6 +89,20 @@ impl LocalWorkers {
         running
     }
 
+    /// Sends SIGTERM to the workers still running: each gives its task
+    /// back (after a checkpoint) and exits.
+    pub fn terminate(&self) {
+        for child in &self.children {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill has no memory-safety preconditions; the pid is
+                // our own child's, not yet reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+    }
+
     /// Waits up to `grace` for them to exit on their own, then kills the rest.
     pub async fn finish(mut self, grace: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + grace;

@@ -319,6 +319,16 @@ impl Scheduler {
         Ok(self.give_up_attempt(task, error.to_string()))
     }
 
+    /// Takes `task` back from `attempt`, whose worker is stopping: the task
+    /// is ready again and the attempt does not count against it.
+    pub fn release(&mut self, task: TaskIndex, attempt: u64) -> Result<(), Refusal> {
+        self.check_current(task, attempt)?;
+        let t = &mut self.tasks[task];
+        t.attempts = t.attempts.saturating_sub(1);
+        t.state = TaskState::Ready;
+        Ok(())
+    }
+
     /// Records that `attempt` of `task` failed with an error that another
     /// attempt would repeat (such as a diverging training run): the task
     /// fails, and with it the job, without further attempts.
@@ -719,5 +729,17 @@ mod tests {
             "{failure}"
         );
         assert!(s.is_over());
+    }
+
+    #[test]
+    fn a_released_task_is_ready_again_and_its_attempt_not_counted() {
+        let mut s = diamond(1);
+        let (t, a) = run(&mut s, "w", secs(0));
+        s.release(t, a).unwrap();
+        assert_eq!(s.state(t), &TaskState::Ready);
+        assert_eq!(s.attempts(t), 0);
+        assert!(s.release(t, a).is_err(), "only the current attempt");
+        let (again, _) = run(&mut s, "w2", secs(1));
+        assert_eq!(again, t, "with max_attempts 1 it may still run");
     }
 }

@@ -690,6 +690,73 @@ fn a_corrupt_shard_is_regenerated_and_a_changed_config_is_refused() {
     check_outputs(&out);
 }
 
+/// SIGTERM (what Kubernetes sends) stops a worker at its next epoch end:
+/// it uploads a checkpoint, gives its task back without using up an
+/// attempt, and exits 143. SIGTERM stops the coordinator too, saying how to
+/// resume; started again, it hands the task with its checkpoint to a new
+/// worker, which resumes from it.
+#[test]
+fn sigterm_stops_a_worker_and_the_coordinator_and_the_job_resumes_from_the_checkpoint() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1000);
+    let signal = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    };
+    let listen = free_loopback_address();
+    let mut first = Coordinator::start_with(&config, &["--listen", &listen]);
+    let mut worker = Workers::start(1, &first.url, dir.path());
+    loop {
+        let (_, line) = worker
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the worker trains a teacher");
+        if line.contains("epoch done") {
+            break;
+        }
+    }
+    let stopped_at = Instant::now();
+    signal(worker.children[0].id());
+    let status = worker.children[0].wait().unwrap();
+    assert_eq!(status.code(), Some(143), "a stopped worker exits 143");
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+    first.wait_for_log("checkpoint stored", Duration::from_secs(10));
+    let given_back = first.wait_for_log("given back by a stopping worker", Duration::from_secs(10));
+    let task = task_of(&given_back).unwrap();
+    assert!(task.starts_with("teacher-"), "{given_back}");
+
+    signal(first.child.id());
+    let (ok, _, logs) = first.wait_with_logs(Duration::from_secs(20));
+    assert!(!ok, "a coordinator stopped before the job's end exits non-zero");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("SIGTERM") && l.contains("same config to resume")),
+        "it says how to resume"
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains("task attempt failed")),
+        "giving a task back is not a failure"
+    );
+
+    let second = Coordinator::start_with(&config, &["--listen", &listen]);
+    let mut fresh = Workers::start(1, &second.url, &dir.path().join("fresh"));
+    let (ok, stdout, logs) = second.wait_with_logs(Duration::from_secs(240));
+    assert!(ok, "{stdout}");
+    assert!(logs.iter().any(|l| l.contains("resuming the job") && l.contains("checkpoints=1")));
+    assert_eq!(fresh.wait_all(Duration::from_secs(20)), vec![true]);
+    let resumed = fresh
+        .lines
+        .try_iter()
+        .any(|(_, l)| l.contains("resuming training from a checkpoint"));
+    assert!(resumed, "the new worker resumed {task} from the checkpoint");
+    check_outputs(&dir.path().join("out"));
+}
+
 #[test]
 fn a_bad_config_fails_at_once_naming_the_key() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod client;
 pub mod runner;
+pub mod shutdown;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,12 +36,27 @@ pub struct Options {
     pub give_up_after: Duration,
     /// The cluster token and TLS settings.
     pub credentials: client::Credentials,
+    /// After SIGTERM, how long the running task may take to reach a
+    /// checkpoint (or its end) before it is abandoned.
+    pub stop_grace: Duration,
 }
 
-/// Runs the worker until the job is over. `Ok(true)` when the job
-/// succeeded, `Ok(false)` when the coordinator says it failed.
-pub async fn run(opts: Options) -> anyhow::Result<bool> {
+/// Why the worker exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The job is over and succeeded.
+    JobSucceeded,
+    /// The job is over and failed.
+    JobFailed,
+    /// Stopped by SIGTERM or Ctrl-C before the job was over.
+    Stopped,
+}
+
+/// Runs the worker until the job is over or a signal stops it.
+pub async fn run(opts: Options) -> anyhow::Result<Exit> {
     client::check_url(&opts.coordinator, &opts.credentials)?;
+    let shutdown = shutdown::Shutdown::default();
+    shutdown.listen(opts.stop_grace)?;
     let device = select(opts.device)?;
     let cache = ArtifactCache::open(&opts.scratch)?;
     let caps = pb::Capabilities {
@@ -65,6 +81,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         scratch: opts.scratch.clone(),
         device,
         dataset: None,
+        shutdown,
     };
     serve(&opts, &caps, client, state).instrument(span).await
 }
@@ -75,8 +92,12 @@ async fn serve(
     caps: &pb::Capabilities,
     mut client: client::Client,
     mut state: WorkerState,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Exit> {
     loop {
+        if state.shutdown.stopping() {
+            tracing::warn!("stopped before the job was over");
+            return Ok(Exit::Stopped);
+        }
         let lease = client
             .lease_task(pb::LeaseRequest {
                 worker_id: state.worker_id.clone(),
@@ -116,7 +137,11 @@ async fn serve(
             }
             Some(pb::lease_response::Outcome::JobOver(over)) => {
                 tracing::info!(succeeded = over.succeeded, message = %over.message, "job over; exiting");
-                return Ok(over.succeeded);
+                return Ok(if over.succeeded {
+                    Exit::JobSucceeded
+                } else {
+                    Exit::JobFailed
+                });
             }
             None => anyhow::bail!("the coordinator sent an empty lease response"),
         }

@@ -35,6 +35,10 @@ struct Args {
     /// Give up after this many seconds without reaching the coordinator.
     #[arg(long, default_value_t = 300.0)]
     give_up_after: f64,
+    /// After SIGTERM, seconds the running task may take to reach its next
+    /// checkpoint (training) or its end before it is abandoned.
+    #[arg(long, default_value_t = 25.0)]
+    stop_grace: f64,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -101,6 +105,7 @@ fn main() -> std::process::ExitCode {
             .scratch
             .unwrap_or_else(|| std::env::temp_dir().join("distill-worker")),
         give_up_after: Duration::from_secs_f64(args.give_up_after.max(0.0)),
+        stop_grace: Duration::from_secs_f64(args.stop_grace.max(0.0)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -114,7 +119,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(worker::run(opts)) {
-        Ok(_) => std::process::ExitCode::SUCCESS,
+        Ok(worker::Exit::JobSucceeded | worker::Exit::JobFailed) => std::process::ExitCode::SUCCESS,
+        // 128 + SIGTERM, as if the signal had ended the process: a stopped
+        // worker did not finish its part.
+        Ok(worker::Exit::Stopped) => std::process::ExitCode::from(143),
         Err(e) => {
             eprintln!("worker: error: {e:#}");
             std::process::ExitCode::FAILURE

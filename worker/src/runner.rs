@@ -23,6 +23,7 @@ use proto::pb;
 
 use crate::cache::ArtifactCache;
 use crate::client::{self, Client, UploadKind, UploadMeta};
+use crate::shutdown::Shutdown;
 
 /// What stays loaded between tasks.
 pub struct WorkerState {
@@ -40,6 +41,8 @@ pub struct WorkerState {
     pub device: Device,
     /// The decoded dataset and its checksum.
     pub dataset: Option<(String, Arc<Splits>)>,
+    /// Whether the worker is stopping.
+    pub shutdown: Shutdown,
 }
 
 /// Feeds progress to the heartbeat loop, stops training when told to,
@@ -51,6 +54,7 @@ struct Observer {
     phase: &'static str,
     resume: Option<TrainCheckpoint>,
     checkpoints: CheckpointSink,
+    shutdown: Shutdown,
 }
 
 /// Where a task's checkpoints go, and when.
@@ -65,6 +69,11 @@ impl Observer {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(distill::Error::Cancelled(
                 "the coordinator revoked this attempt's lease".into(),
+            ));
+        }
+        if self.shutdown.must_abandon() {
+            return Err(distill::Error::Cancelled(
+                "the worker is stopping and its grace period is over".into(),
             ));
         }
         Ok(())
@@ -96,11 +105,19 @@ impl TrainObserver for Observer {
     }
 
     fn checkpoint_due(&mut self, _epochs_done: usize) -> bool {
-        self.checkpoints.last.elapsed() >= self.checkpoints.interval
+        self.shutdown.stopping() || self.checkpoints.last.elapsed() >= self.checkpoints.interval
     }
 
     fn on_checkpoint(&mut self, checkpoint: TrainCheckpoint) -> distill::Result<()> {
         let bytes = checkpoint.to_bytes()?;
+        if self.shutdown.stopping() {
+            // The last one before stopping: wait for room, then stop.
+            let _ = self.checkpoints.uploads.blocking_send(bytes);
+            return Err(distill::Error::Cancelled(format!(
+                "the worker is stopping; checkpoint after epoch {} handed over",
+                checkpoint.epochs_done
+            )));
+        }
         // The previous checkpoint still uploading: skip this one rather than
         // make training wait.
         if self.checkpoints.uploads.try_send(bytes).is_ok() {
@@ -208,6 +225,10 @@ pub async fn run_task(
         Err(e) if cancel.load(Ordering::Relaxed) => {
             tracing::warn!(task = %task_id, attempt, "task abandoned: {e:#}");
         }
+        Err(e) if state.shutdown.stopping() => {
+            tracing::warn!(task = %task_id, attempt, "giving the task back: {e:#}");
+            release(client, state, &task_id, attempt).await?
+        }
         Err(e) => {
             let permanent = is_permanent(&e);
             report_failure(
@@ -220,6 +241,28 @@ pub async fn run_task(
             )
             .await?
         }
+    }
+    Ok(())
+}
+
+/// Gives a task back to the coordinator because the worker is stopping.
+async fn release(
+    client: &mut Client,
+    state: &WorkerState,
+    task: &str,
+    attempt: u64,
+) -> anyhow::Result<()> {
+    let report = pb::FailureReport {
+        worker_id: state.worker_id.clone(),
+        task_id: task.into(),
+        attempt,
+        error: "the worker is stopping".into(),
+        permanent: false,
+        released: true,
+    };
+    if let Err(s) = client.report_failure(report).await {
+        // The lease will expire instead.
+        tracing::warn!(task, attempt, "could not give the task back: {}", s.message());
     }
     Ok(())
 }
@@ -250,6 +293,7 @@ async fn report_failure(
         attempt,
         error,
         permanent,
+        released: false,
     };
     match client.report_failure(report).await {
         Ok(_) => Ok(()),
@@ -407,6 +451,7 @@ async fn execute(
         phase,
         resume,
         checkpoints,
+        shutdown: state.shutdown.clone(),
     };
     // Compute runs on its own thread; the runtime keeps heartbeating.
     let span = tracing::Span::current();
