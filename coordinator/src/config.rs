@@ -269,6 +269,9 @@ pub struct ClusterConfig {
     /// the task resumes from the latest one. 0: after every epoch.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval_secs: f64,
+    /// Largest result or checkpoint a worker may upload, in MiB.
+    #[serde(default = "default_max_artifact_mib")]
+    pub max_artifact_mib: u64,
     /// The data.
     pub dataset: DatasetConfig,
     /// The teachers.
@@ -320,10 +323,14 @@ fn default_summary() -> f64 {
 fn default_checkpoint_interval() -> f64 {
     300.0
 }
+fn default_max_artifact_mib() -> u64 {
+    4096
+}
 
 /// Top-level keys a restarted job may change (see [`ClusterConfig::identity`]).
-const OPERATIONAL_KEYS: [&str; 10] = [
+const OPERATIONAL_KEYS: [&str; 11] = [
     "listen",
+    "max_artifact_mib",
     "checkpoint_interval_secs",
     "output_dir",
     "authentication",
@@ -473,6 +480,12 @@ impl ClusterConfig {
                     "must be a number in 0..=86400 (0: after every epoch), got {}",
                     self.checkpoint_interval_secs
                 ),
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.max_artifact_mib) {
+            return Err(invalid(
+                "max_artifact_mib",
+                format!("must be in 1..=1048576, got {}", self.max_artifact_mib),
             ));
         }
         let d = &self.dataset;

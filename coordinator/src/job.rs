@@ -1229,6 +1229,7 @@ mod tests {
             attempt: task.attempt,
             error: "the loss diverged".into(),
             permanent: true,
+            released: false,
         };
         assert!(!job.fail(&report, SECOND).unwrap());
         assert!(job.scheduler.failure().unwrap().contains("diverged"));
@@ -1330,5 +1331,60 @@ mod tests {
             .accept_checkpoint(&header(&w, &infer, &bytes), &bytes, SECOND)
             .unwrap_err();
         assert!(err.to_string().contains("trains nothing"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_upload_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut job, attempt) = job_with_teacher_done(dir.path());
+        let file = dir.path().join("models/teacher-0.safetensors");
+        let before = std::fs::read(&file).unwrap();
+        let other = {
+            let spec = distill::model::MlpSpec::new(8, vec![4], 3).unwrap();
+            let rng = &mut common::seed::rng(2, common::seed::Stream::Init);
+            let model =
+                distill::model::Mlp::new_random(spec, rng, &candle_core::Device::Cpu).unwrap();
+            distill::model_io::to_bytes(&model, common::dataset::Normalization::Identity).unwrap()
+        };
+        let w = job.workers.keys().next().unwrap().clone();
+        let again = pb::UploadHeader {
+            worker_id: w,
+            task_id: "teacher-0".into(),
+            attempt,
+            sha256: sha256_hex(&other),
+            size: other.len() as u64,
+            ..Default::default()
+        };
+        let err = job.accept_result(&again, &other, SECOND).unwrap_err();
+        assert!(matches!(err, JobError::Refused(_)), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), before);
+        assert_eq!(
+            job.state.committed().unwrap()["teacher-0"].sha256,
+            sha256_hex(&before)
+        );
+    }
+
+    #[test]
+    fn uploads_after_the_job_failed_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job(dir.path());
+        let w = job.register(caps(), Duration::ZERO);
+        let task = leased(&mut job, &w, SECOND);
+        let report = pb::FailureReport {
+            worker_id: w.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            error: "diverged".into(),
+            permanent: true,
+            released: false,
+        };
+        job.fail(&report, SECOND).unwrap();
+        assert!(job.scheduler.is_over());
+        let bytes = model_bytes();
+        let err = job
+            .accept_result(&header(&w, &task, &bytes), &bytes, SECOND)
+            .unwrap_err();
+        assert!(matches!(err, JobError::Refused(_)), "{err}");
+        assert!(!dir.path().join("models/teacher-0.safetensors").exists());
     }
 }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod data;
 pub mod job;
+pub mod limits;
 pub mod local_workers;
 pub mod plan;
 pub mod report;
@@ -33,7 +34,7 @@ use crate::config::ClusterConfig;
 use crate::job::{Job, LeasePolicy};
 use crate::local_workers::LocalWorkers;
 use crate::report::{SplitSizes, TransferSummary};
-use crate::service::{CoordinatorService, Intervals, SharedJob};
+use crate::service::{CoordinatorService, Settings, SharedJob};
 use crate::state::StateDb;
 use crate::store::ArtifactStore;
 
@@ -192,9 +193,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let shared = SharedJob::new(
         job,
         started,
-        Intervals {
+        Settings {
             heartbeat_ms: cfg.heartbeat_interval_ms as u32,
             checkpoint_ms: (cfg.checkpoint_interval_secs * 1000.0) as u32,
+            max_artifact_bytes: cfg.max_artifact_mib << 20,
         },
         cfg.dataset.source.name().into(),
     );
@@ -222,7 +224,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         builder
             .add_service(health_service)
             .add_service(InterceptedService::new(
-                CoordinatorServer::new(CoordinatorService::new(shared.clone())),
+                CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+                    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
                 RequireToken::new(token.clone()),
             ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

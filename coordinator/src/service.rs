@@ -14,35 +14,35 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::job::{Job, JobError};
-
-/// Largest result a worker may upload (a model or shard), 4 GiB.
-const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+use crate::limits;
 
 /// The job shared between the service and the coordinator's main loop.
 #[derive(Clone, Debug)]
 pub struct SharedJob {
     job: Arc<Mutex<Job>>,
     started: Instant,
-    intervals: Intervals,
+    settings: Settings,
     job_name: String,
 }
 
-/// What workers are told at registration about timing.
+/// What the service tells workers and enforces.
 #[derive(Clone, Copy, Debug)]
-pub struct Intervals {
+pub struct Settings {
     /// How often to heartbeat while running a task, in ms.
     pub heartbeat_ms: u32,
     /// How often a training task uploads a checkpoint, in ms.
     pub checkpoint_ms: u32,
+    /// Largest upload (result or checkpoint), in bytes.
+    pub max_artifact_bytes: u64,
 }
 
 impl SharedJob {
     /// Shares `job`, whose clock started at `started`.
-    pub fn new(job: Job, started: Instant, intervals: Intervals, job_name: String) -> Self {
+    pub fn new(job: Job, started: Instant, settings: Settings, job_name: String) -> Self {
         SharedJob {
             job: Arc::new(Mutex::new(job)),
             started,
-            intervals,
+            settings,
             job_name,
         }
     }
@@ -121,12 +121,7 @@ impl CoordinatorService {
                 ))
             }
         };
-        if header.size > MAX_UPLOAD_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "an upload of {} bytes exceeds the {MAX_UPLOAD_BYTES}-byte limit",
-                header.size
-            )));
-        }
+        limits::upload_header(&header, self.shared.settings.max_artifact_bytes)?;
         // Refuse a stale attempt before receiving its payload.
         self.shared
             .with_now(|job, now| job.check_upload(&header, now))
@@ -175,6 +170,7 @@ impl Coordinator for CoordinatorService {
             .into_inner()
             .capabilities
             .ok_or_else(|| Status::invalid_argument("capabilities are missing"))?;
+        limits::capabilities(&caps)?;
         let ours = env!("CARGO_PKG_VERSION");
         if caps.version != ours {
             return Err(Status::failed_precondition(format!(
@@ -185,8 +181,8 @@ impl Coordinator for CoordinatorService {
         let worker_id = self.shared.with_now(|job, now| job.register(caps, now));
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
-            heartbeat_interval_ms: self.shared.intervals.heartbeat_ms,
-            checkpoint_interval_ms: self.shared.intervals.checkpoint_ms,
+            heartbeat_interval_ms: self.shared.settings.heartbeat_ms,
+            checkpoint_interval_ms: self.shared.settings.checkpoint_ms,
             job: self.shared.job_name.clone(),
         }))
     }
@@ -196,6 +192,7 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let worker = request.into_inner().worker_id;
+        limits::id("worker_id", &worker)?;
         self.shared
             .with_now(|job, now| job.lease(&worker, now))
             .map(Response::new)
@@ -207,6 +204,7 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
+        limits::heartbeat(&req)?;
         let continue_task = self
             .shared
             .with_now(|job, now| job.heartbeat(&req, now))
@@ -248,7 +246,8 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::FailureReport>,
     ) -> Result<Response<pb::FailureResponse>, Status> {
-        let report = request.into_inner();
+        let mut report = request.into_inner();
+        limits::failure(&mut report)?;
         let will_retry = self
             .shared
             .with_now(|job, now| job.fail(&report, now))
@@ -263,6 +262,8 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let req = request.into_inner();
+        limits::id("worker_id", &req.worker_id)?;
+        limits::id("name", &req.name)?;
         let artifact = self
             .shared
             .with_now(|job, now| job.artifact(&req.worker_id, &req.name, now))

@@ -94,6 +94,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<SavedMod
         .map_err(|e| bad(format!("architecture metadata: {e}")))?;
     let normalization: Normalization = serde_json::from_str(get("input_normalization")?)
         .map_err(|e| bad(format!("input_normalization metadata: {e}")))?;
+    check_finite(bytes).map_err(bad)?;
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
     let take = |name: String| {
         tensors
@@ -114,6 +115,26 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<SavedMod
         model,
         normalization,
     })
+}
+
+/// Refuses a file with a NaN or infinite F32 value (a diverged model).
+fn check_finite(bytes: &[u8]) -> std::result::Result<(), String> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
+    for (name, view) in tensors.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            continue;
+        }
+        let bad = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .find(|v| !v.is_finite());
+        if let Some(v) = bad {
+            return Err(format!("tensor {name:?} holds {v}: weights must be finite"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -154,5 +175,19 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let e = load(&path, &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("format") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_model_with_a_nan_weight_is_refused() {
+        let spec = MlpSpec::new(3, vec![2], 2).unwrap();
+        let m = Mlp::new_random(spec, &mut seed::rng(2, Stream::Init), &Device::Cpu).unwrap();
+        let w = &m.layers()[1].bias;
+        w.set(&Tensor::new(&[0.0f32, f32::NAN], &Device::Cpu).unwrap())
+            .unwrap();
+        let bytes = to_bytes(&m, Normalization::Identity).unwrap();
+        let e = from_bytes(&bytes, Path::new("m"), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layers.1.bias") && e.contains("finite"), "{e}");
     }
 }

@@ -37,6 +37,13 @@ where
             {
                 return Err(e.context(format!("{what}: the coordinator refused the cluster token")))
             }
+            // A refusal (bad capabilities, another version): retrying cannot help.
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| !crate::is_transient(s)) =>
+            {
+                return Err(e.context(format!("{what}: refused by the coordinator")))
+            }
             Err(e) if started.elapsed() + delay > give_up_after => {
                 return Err(e.context(format!(
                     "{what}: giving up after {:.0} s without reaching the coordinator",

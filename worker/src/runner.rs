@@ -262,7 +262,12 @@ async fn release(
     };
     if let Err(s) = client.report_failure(report).await {
         // The lease will expire instead.
-        tracing::warn!(task, attempt, "could not give the task back: {}", s.message());
+        tracing::warn!(
+            task,
+            attempt,
+            "could not give the task back: {}",
+            s.message()
+        );
     }
     Ok(())
 }

@@ -84,10 +84,22 @@ impl Shard {
             .map(|t| {
                 let name = logits_tensor_name(t);
                 let data = tensor_bytes(&tensors, path, &name, Dtype::F32, &[rows, num_classes])?;
-                Ok(data
+                let logits: Vec<f32> = data
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect())
+                    .collect();
+                if let Some(at) = logits.iter().position(|z| !z.is_finite()) {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "teacher {t}'s logit for example {} class {} is {} (logits must be finite)",
+                            range.start + at / num_classes.max(1),
+                            at % num_classes.max(1),
+                            logits[at]
+                        ),
+                    ));
+                }
+                Ok(logits)
             })
             .collect::<Result<_>>()?;
         Ok(Shard {
@@ -342,5 +354,22 @@ mod tests {
         write_set(dir.path());
         let e = TransferSetWriter::create(dir.path(), "fp", 10, 3, vec!["t0".into()]).unwrap_err();
         assert!(e.to_string().contains("already holds"), "{e}");
+    }
+
+    #[test]
+    fn a_shard_with_a_nan_or_infinite_logit_is_refused() {
+        let teachers = ["t0".to_string()];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut z = logits(2, 0.5);
+            z[4] = bad;
+            let bytes = crate::transfer::encode_shard(10, 2, 3, &teachers, &[&z]).unwrap();
+            let e = Shard::decode(&bytes, Path::new("s"), 10..12, &teachers, 3)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("example 11 class 1") && e.contains("finite"),
+                "{e}"
+            );
+        }
     }
 }
