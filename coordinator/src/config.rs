@@ -297,6 +297,18 @@ pub struct ClusterConfig {
     /// file; none by default).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// A load test of the coordinator instead of the job: only no-op tasks.
+    #[serde(default)]
+    pub load_test: Option<LoadTestConfig>,
+}
+
+/// `[load_test]`: the job is `tasks` no-op tasks (the other tables are
+/// still read and checked, and the dataset loaded, but nothing is trained).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadTestConfig {
+    /// Number of no-op tasks, 1..=1000000.
+    pub tasks: usize,
 }
 
 fn default_listen() -> String {
@@ -481,6 +493,14 @@ impl ClusterConfig {
                     self.checkpoint_interval_secs
                 ),
             ));
+        }
+        if let Some(load) = &self.load_test {
+            if !(1..=1_000_000).contains(&load.tasks) {
+                return Err(invalid(
+                    "load_test.tasks",
+                    format!("must be in 1..=1000000, got {}", load.tasks),
+                ));
+            }
         }
         if !(1..=1 << 20).contains(&self.max_artifact_mib) {
             return Err(invalid(

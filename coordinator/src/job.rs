@@ -298,7 +298,7 @@ impl Job {
             reason,
         };
         match &planned.output {
-            Output::Model(_) => {}
+            Output::Model(_) | Output::Noop(_) => {}
             Output::Shard { index, .. } => {
                 let entry = commit
                     .shard
@@ -676,6 +676,15 @@ impl Job {
                 let stored = self.store.put(CLUSTERS_ARTIFACT, payload)?.clone();
                 self.clusters = Some(clusters);
                 stored
+            }
+            Output::Noop(_) => {
+                let TaskSpec::Noop(noop) = &planned.spec else {
+                    unreachable!("no-op outputs come from no-op tasks")
+                };
+                if payload != noop.payload().as_slice() {
+                    return Err(bad("not this no-op task's index".into()));
+                }
+                self.store.put(&planned.output.artifact(), payload)?.clone()
             }
             Output::Evaluation => {
                 let results: Vec<ModelEvaluation> = serde_json::from_slice(payload)

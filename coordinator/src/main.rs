@@ -40,8 +40,7 @@ struct Args {
     fresh: bool,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::logging::init(args.log_format);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -56,7 +55,24 @@ async fn main() -> std::process::ExitCode {
             .local_worker_threads
             .unwrap_or_else(|| (cores / args.local_workers.max(1)).max(1)),
     };
-    match coordinator::run(opts).await {
+    // Blocking work (storing results under the job's one lock, file reads
+    // for downloads) needs few threads: with tokio's default of 512, each
+    // of hundreds of workers' concurrent uploads held a thread and its
+    // allocator heap (the load test's peak memory doubled).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordinator: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // `block_on` runs on the main thread, which local workers' PDEATHSIG
+    // relies on (see `local_workers`).
+    match runtime.block_on(coordinator::run(opts)) {
         Ok(outcome) => {
             println!("{}", outcome.summary);
             println!("report: {}", outcome.report.display());

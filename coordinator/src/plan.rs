@@ -56,6 +56,8 @@ pub enum Output {
     Evaluation,
     /// The specialists' classes ([`distill::task::CLUSTERS_ARTIFACT`]).
     Clusters,
+    /// A no-op task's result (`noop/<id>`, 8 bytes).
+    Noop(String),
 }
 
 impl Output {
@@ -66,6 +68,7 @@ impl Output {
             Output::Shard { index, .. } => distill::task::shard_artifact(*index),
             Output::Evaluation => EVALUATION_ARTIFACT.to_string(),
             Output::Clusters => distill::task::CLUSTERS_ARTIFACT.to_string(),
+            Output::Noop(id) => format!("noop/{id}"),
         }
     }
 }
@@ -104,8 +107,34 @@ pub struct Plan {
     pub shards: usize,
 }
 
-/// Plans the job of `cfg` for a training split of `train_len` examples.
+/// A load test's plan: `tasks` independent no-op tasks.
+pub fn load_test_plan(tasks: usize) -> Plan {
+    Plan {
+        tasks: (0..tasks)
+            .map(|i| {
+                let id = format!("noop-{i:07}");
+                PlannedTask {
+                    spec: TaskSpec::Noop(distill::task::NoopTask { index: i as u64 }),
+                    deps: Vec::new(),
+                    inputs: Vec::new(),
+                    output: Output::Noop(id.clone()),
+                    id,
+                }
+            })
+            .collect(),
+        teachers: Vec::new(),
+        specialists: Vec::new(),
+        transfer_teachers: Vec::new(),
+        shards: 0,
+    }
+}
+
+/// Plans the job of `cfg` for a training split of `train_len` examples
+/// (with `[load_test]`, only its no-op tasks).
 pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
+    if let Some(load) = &cfg.load_test {
+        return Ok(load_test_plan(load.tasks));
+    }
     let teachers: Vec<String> = (0..cfg.teachers.count)
         .map(|k| format!("teacher-{k}"))
         .collect();

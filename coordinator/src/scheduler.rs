@@ -10,6 +10,7 @@
 //! a task becomes ready only when all its dependencies are done; a task that
 //! used up `max_attempts` attempts (failures or expired leases) fails the job.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 /// A task's position in the plan.
@@ -125,6 +126,12 @@ pub struct Scheduler {
     lease_timeout: Duration,
     max_attempts: u32,
     next_attempt: u64,
+    // Indexes kept in step with the tasks' states (every change goes
+    // through `set_state`), so that no event costs a scan of the plan.
+    index: HashMap<String, TaskIndex>,
+    dependants: Vec<Vec<TaskIndex>>,
+    ready: BTreeSet<TaskIndex>,
+    counts: Counts,
 }
 
 impl Scheduler {
@@ -137,7 +144,7 @@ impl Scheduler {
         max_attempts: u32,
     ) -> Self {
         assert!(max_attempts >= 1, "max_attempts must be at least 1");
-        let tasks = tasks
+        let tasks: Vec<Task> = tasks
             .into_iter()
             .enumerate()
             .map(|(i, (id, deps))| {
@@ -145,25 +152,61 @@ impl Scheduler {
                     deps.iter().all(|&d| d < i),
                     "task {id} depends on a later task"
                 );
-                let state = if deps.is_empty() {
-                    TaskState::Ready
-                } else {
-                    TaskState::Blocked
-                };
                 Task {
                     id,
                     deps,
-                    state,
+                    state: TaskState::Blocked,
                     attempts: 0,
                     errors: Vec::new(),
                 }
             })
             .collect();
-        Scheduler {
+        let mut dependants = vec![Vec::new(); tasks.len()];
+        for (i, t) in tasks.iter().enumerate() {
+            for &d in &t.deps {
+                dependants[d].push(i);
+            }
+        }
+        let index = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let mut scheduler = Scheduler {
+            counts: Counts {
+                blocked: tasks.len(),
+                ..Counts::default()
+            },
             tasks,
             lease_timeout,
             max_attempts,
             next_attempt: 1,
+            index,
+            dependants,
+            ready: BTreeSet::new(),
+        };
+        scheduler.refresh_ready();
+        scheduler
+    }
+
+    /// Moves `task` to `state`, keeping the counts and the ready set.
+    fn set_state(&mut self, task: TaskIndex, state: TaskState) {
+        fn slot<'c>(c: &'c mut Counts, s: &TaskState) -> &'c mut usize {
+            match s {
+                TaskState::Blocked => &mut c.blocked,
+                TaskState::Ready => &mut c.ready,
+                TaskState::Leased { .. } => &mut c.running,
+                TaskState::Done => &mut c.done,
+                TaskState::Failed => &mut c.failed,
+            }
+        }
+        let old = std::mem::replace(&mut self.tasks[task].state, state);
+        *slot(&mut self.counts, &old) -= 1;
+        *slot(&mut self.counts, &self.tasks[task].state) += 1;
+        if self.tasks[task].state == TaskState::Ready {
+            self.ready.insert(task);
+        } else {
+            self.ready.remove(&task);
         }
     }
 
@@ -189,7 +232,7 @@ impl Scheduler {
 
     /// The index of the task called `id`.
     pub fn index_of(&self, id: &str) -> Option<TaskIndex> {
-        self.tasks.iter().position(|t| t.id == id)
+        self.index.get(id).copied()
     }
 
     /// The state of task `task`.
@@ -204,26 +247,19 @@ impl Scheduler {
 
     /// Task counts by state.
     pub fn counts(&self) -> Counts {
-        let mut c = Counts::default();
-        for t in &self.tasks {
-            match t.state {
-                TaskState::Blocked => c.blocked += 1,
-                TaskState::Ready => c.ready += 1,
-                TaskState::Leased { .. } => c.running += 1,
-                TaskState::Done => c.done += 1,
-                TaskState::Failed => c.failed += 1,
-            }
-        }
-        c
+        self.counts
     }
 
     /// True once every task is done.
     pub fn succeeded(&self) -> bool {
-        self.tasks.iter().all(|t| t.state == TaskState::Done)
+        self.counts.done == self.tasks.len()
     }
 
     /// The error messages of the first failed task, if the job failed.
     pub fn failure(&self) -> Option<String> {
+        if self.counts.failed == 0 {
+            return None;
+        }
         self.tasks
             .iter()
             .find(|t| t.state == TaskState::Failed)
@@ -239,7 +275,7 @@ impl Scheduler {
 
     /// True once the job has succeeded or failed.
     pub fn is_over(&self) -> bool {
-        self.succeeded() || self.failure().is_some()
+        self.succeeded() || self.counts.failed > 0
     }
 
     /// Leases the first ready task (plan order) to `worker` at `now`.
@@ -247,18 +283,20 @@ impl Scheduler {
         if self.is_over() {
             return LeaseDecision::JobOver;
         }
-        let Some(i) = self.tasks.iter().position(|t| t.state == TaskState::Ready) else {
+        let Some(&i) = self.ready.first() else {
             return LeaseDecision::Wait;
         };
         let attempt = self.next_attempt;
         self.next_attempt += 1;
-        let task = &mut self.tasks[i];
-        task.attempts += 1;
-        task.state = TaskState::Leased {
-            worker: worker.to_string(),
-            attempt,
-            expires_at: now + self.lease_timeout,
-        };
+        self.tasks[i].attempts += 1;
+        self.set_state(
+            i,
+            TaskState::Leased {
+                worker: worker.to_string(),
+                attempt,
+                expires_at: now + self.lease_timeout,
+            },
+        );
         LeaseDecision::Run { task: i, attempt }
     }
 
@@ -292,20 +330,24 @@ impl Scheduler {
     /// that became ready.
     pub fn complete(&mut self, task: TaskIndex, attempt: u64) -> Result<Vec<TaskIndex>, Refusal> {
         self.check_current(task, attempt)?;
-        self.tasks[task].state = TaskState::Done;
+        self.set_state(task, TaskState::Done);
         let mut ready = Vec::new();
-        for i in task + 1..self.tasks.len() {
-            let t = &self.tasks[i];
-            if t.state == TaskState::Blocked
-                && t.deps
-                    .iter()
-                    .all(|&d| self.tasks[d].state == TaskState::Done)
-            {
-                self.tasks[i].state = TaskState::Ready;
+        for i in self.dependants[task].clone() {
+            if self.unblocked(i) {
+                self.set_state(i, TaskState::Ready);
                 ready.push(i);
             }
         }
         Ok(ready)
+    }
+
+    /// True when `task` is blocked and all its dependencies are done.
+    fn unblocked(&self, task: TaskIndex) -> bool {
+        self.tasks[task].state == TaskState::Blocked
+            && self.tasks[task]
+                .deps
+                .iter()
+                .all(|&d| self.tasks[d].state == TaskState::Done)
     }
 
     /// Records that `attempt` of `task` failed with `error`.
@@ -325,7 +367,7 @@ impl Scheduler {
         self.check_current(task, attempt)?;
         let t = &mut self.tasks[task];
         t.attempts = t.attempts.saturating_sub(1);
-        t.state = TaskState::Ready;
+        self.set_state(task, TaskState::Ready);
         Ok(())
     }
 
@@ -339,11 +381,10 @@ impl Scheduler {
         error: &str,
     ) -> Result<FailureOutcome, Refusal> {
         self.check_current(task, attempt)?;
-        let t = &mut self.tasks[task];
-        t.errors.push(format!(
+        self.tasks[task].errors.push(format!(
             "{error} (not retried: another attempt would fail the same way)"
         ));
-        t.state = TaskState::Failed;
+        self.set_state(task, TaskState::Failed);
         Ok(FailureOutcome::JobFailed)
     }
 
@@ -419,19 +460,14 @@ impl Scheduler {
     /// earlier run of the job. Call [`Scheduler::refresh_ready`] after the
     /// last one.
     pub fn restore_done(&mut self, task: TaskIndex) {
-        self.tasks[task].state = TaskState::Done;
+        self.set_state(task, TaskState::Done);
     }
 
     /// Makes every blocked task whose dependencies are all done ready.
     pub fn refresh_ready(&mut self) {
         for i in 0..self.tasks.len() {
-            if self.tasks[i].state == TaskState::Blocked
-                && self.tasks[i]
-                    .deps
-                    .iter()
-                    .all(|&d| self.tasks[d].state == TaskState::Done)
-            {
-                self.tasks[i].state = TaskState::Ready;
+            if self.unblocked(i) {
+                self.set_state(i, TaskState::Ready);
             }
         }
     }
@@ -447,26 +483,27 @@ impl Scheduler {
         }
         t.attempts = 0;
         t.errors.clear();
-        t.state = TaskState::Blocked;
+        self.set_state(task, TaskState::Blocked);
         let mut revoked = Vec::new();
         for i in task + 1..self.tasks.len() {
             let waits = self.tasks[i]
                 .deps
                 .iter()
                 .any(|&d| self.tasks[d].state != TaskState::Done);
-            let t = &mut self.tasks[i];
             if !waits {
                 continue;
             }
-            match std::mem::replace(&mut t.state, TaskState::Blocked) {
+            match self.tasks[i].state.clone() {
                 TaskState::Leased {
                     worker, attempt, ..
                 } => {
+                    let t = &mut self.tasks[i];
                     t.attempts = t.attempts.saturating_sub(1);
+                    self.set_state(i, TaskState::Blocked);
                     revoked.push((i, worker, attempt));
                 }
-                TaskState::Ready | TaskState::Blocked => {}
-                other => t.state = other,
+                TaskState::Ready => self.set_state(i, TaskState::Blocked),
+                TaskState::Blocked | TaskState::Done | TaskState::Failed => {}
             }
         }
         self.refresh_ready();
@@ -477,10 +514,10 @@ impl Scheduler {
         let t = &mut self.tasks[task];
         t.errors.push(error);
         if t.attempts >= self.max_attempts {
-            t.state = TaskState::Failed;
+            self.set_state(task, TaskState::Failed);
             FailureOutcome::JobFailed
         } else {
-            t.state = TaskState::Ready;
+            self.set_state(task, TaskState::Ready);
             FailureOutcome::WillRetry
         }
     }
@@ -741,5 +778,75 @@ mod tests {
         assert!(s.release(t, a).is_err(), "only the current attempt");
         let (again, _) = run(&mut s, "w2", secs(1));
         assert_eq!(again, t, "with max_attempts 1 it may still run");
+    }
+
+    /// The kept counts and ready set agree with a scan of the tasks after
+    /// every event of a long pseudo-random run over a wider graph.
+    #[test]
+    fn counts_and_ready_set_stay_in_step_with_the_states() {
+        let tasks: Vec<(String, Vec<TaskIndex>)> = (0..40)
+            .map(|i| {
+                let deps = match i {
+                    0..=9 => vec![],
+                    _ => vec![i % 10, (i * 7) % i],
+                };
+                (format!("t{i}"), deps)
+            })
+            .collect();
+        let mut s = Scheduler::new(tasks, TIMEOUT, 1000);
+        let mut state = 12345u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let mut held: Vec<(TaskIndex, u64)> = Vec::new();
+        for step in 0..3000u64 {
+            let now = secs(step);
+            match next(6) {
+                0 | 1 => {
+                    if let LeaseDecision::Run { task, attempt } = s.lease("w", now) {
+                        held.push((task, attempt));
+                    }
+                }
+                2 | 3 if !held.is_empty() => {
+                    let (t, a) = held.swap_remove(next(held.len() as u64) as usize);
+                    let _ = s.complete(t, a);
+                }
+                4 if !held.is_empty() => {
+                    let (t, a) = held.swap_remove(next(held.len() as u64) as usize);
+                    let _ = s.fail(t, a, "x");
+                }
+                5 => {
+                    let t = next(40) as usize;
+                    if s.state(t) == &TaskState::Done && next(10) == 0 {
+                        s.reopen(t);
+                    }
+                    s.expire(now);
+                }
+                _ => {}
+            }
+            let mut recount = Counts::default();
+            let mut ready = Vec::new();
+            for i in 0..s.len() {
+                match s.state(i) {
+                    TaskState::Blocked => recount.blocked += 1,
+                    TaskState::Ready => {
+                        recount.ready += 1;
+                        ready.push(i);
+                    }
+                    TaskState::Leased { .. } => recount.running += 1,
+                    TaskState::Done => recount.done += 1,
+                    TaskState::Failed => recount.failed += 1,
+                }
+            }
+            assert_eq!(s.counts(), recount, "step {step}");
+            assert_eq!(
+                s.ready.iter().copied().collect::<Vec<_>>(),
+                ready,
+                "step {step}"
+            );
+        }
     }
 }

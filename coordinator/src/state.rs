@@ -40,6 +40,9 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const COMMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("commits");
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 
+/// Memory redb may use to cache the state's pages.
+const STATE_CACHE_BYTES: usize = 16 << 20;
+
 /// Fencing ids reserved per database write.
 pub const ATTEMPT_BLOCK: u64 = 1024;
 
@@ -113,10 +116,15 @@ impl StateDb {
             path: path.clone(),
             message: format!("cannot create {}: {e}", dir.display()),
         })?;
-        let db = redb::Database::create(&path).map_err(|e| StateError::Db {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        // The state is small (a record per task); redb's default cache
+        // (1 GiB) would only grow the coordinator's memory.
+        let db = redb::Database::builder()
+            .set_cache_size(STATE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| StateError::Db {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let state = StateDb { db, path };
         let format = state.meta(FORMAT_KEY)?;
         match format.as_deref() {

@@ -69,6 +69,24 @@ pub enum TaskSpec {
     /// Train one specialist from the generalist; the output is its model
     /// file (its classes, then the dustbin).
     Specialist(SpecialistTask),
+    /// Nothing: the output is the task's index as 8 little-endian bytes.
+    /// Load tests of the coordinator use it.
+    Noop(NoopTask),
+}
+
+/// A task that does nothing (for load tests).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoopTask {
+    /// Its number in the plan.
+    pub index: u64,
+}
+
+impl NoopTask {
+    /// The result a no-op task must deliver.
+    pub fn payload(&self) -> Vec<u8> {
+        self.index.to_le_bytes().to_vec()
+    }
 }
 
 /// Which classes each specialist covers (paper, section 5): the generalist's
@@ -274,6 +292,7 @@ impl TaskSpec {
             TaskSpec::Evaluate(t) => format!("evaluate {} models", t.models.len()),
             TaskSpec::Cluster(t) => format!("cluster classes for {} specialists", t.specialists),
             TaskSpec::Specialist(t) => format!("train specialist {}", t.model),
+            TaskSpec::Noop(t) => format!("no-op {}", t.index),
         }
     }
 
@@ -291,6 +310,10 @@ impl TaskSpec {
             TaskSpec::Evaluate(t) => run_evaluate(t, inputs, device, observer),
             TaskSpec::Cluster(t) => run_cluster(t, inputs, device, observer),
             TaskSpec::Specialist(t) => run_specialist(t, inputs, device, observer),
+            TaskSpec::Noop(t) => Ok(TaskOutput {
+                payload: t.payload(),
+                summary: serde_json::Value::Null,
+            }),
         }
     }
 }

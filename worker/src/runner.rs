@@ -397,6 +397,12 @@ async fn execute(
 ) -> anyhow::Result<TaskOutput> {
     let spec: TaskSpec = serde_json::from_slice(&assignment.spec_json)
         .context("the task spec is not valid (coordinator and worker versions differ?)")?;
+    if let TaskSpec::Noop(noop) = &spec {
+        return Ok(TaskOutput {
+            payload: noop.payload(),
+            summary: serde_json::Value::Null,
+        });
+    }
     let mut models = HashMap::new();
     let mut transfer_files = Vec::new();
     let mut dataset = None;
@@ -449,6 +455,7 @@ async fn execute(
         TaskSpec::Evaluate(_) => "evaluation",
         TaskSpec::Cluster(_) => "clustering",
         TaskSpec::Specialist(_) => "training",
+        TaskSpec::Noop(_) => "no-op",
     };
     let mut observer = Observer {
         progress,
