@@ -1226,10 +1226,10 @@ mod tests {
         assert_eq!(leased(&mut job, &w, 2 * SECOND).task_id, "infer-00000");
     }
 
-    #[test]
-    fn a_permanent_failure_is_not_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut job = job(dir.path());
+    /// A job over `dir` whose first task failed permanently; returns the
+    /// job, the worker and the failed assignment.
+    fn job_failed_permanently(dir: &std::path::Path) -> (Job, String, pb::TaskAssignment) {
+        let mut job = job(dir);
         let w = job.register(caps(), Duration::ZERO);
         let task = leased(&mut job, &w, SECOND);
         let report = pb::FailureReport {
@@ -1240,8 +1240,16 @@ mod tests {
             permanent: true,
             released: false,
         };
-        assert!(!job.fail(&report, SECOND).unwrap());
+        assert!(!job.fail(&report, SECOND).unwrap(), "not retried");
+        (job, w, task)
+    }
+
+    #[test]
+    fn a_permanent_failure_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, _, _) = job_failed_permanently(dir.path());
         assert!(job.scheduler.failure().unwrap().contains("diverged"));
+        assert!(job.scheduler.is_over());
     }
 
     fn checkpoint_bytes() -> Vec<u8> {
@@ -1376,19 +1384,7 @@ mod tests {
     #[test]
     fn uploads_after_the_job_failed_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut job = job(dir.path());
-        let w = job.register(caps(), Duration::ZERO);
-        let task = leased(&mut job, &w, SECOND);
-        let report = pb::FailureReport {
-            worker_id: w.clone(),
-            task_id: task.task_id.clone(),
-            attempt: task.attempt,
-            error: "diverged".into(),
-            permanent: true,
-            released: false,
-        };
-        job.fail(&report, SECOND).unwrap();
-        assert!(job.scheduler.is_over());
+        let (mut job, w, task) = job_failed_permanently(dir.path());
         let bytes = model_bytes();
         let err = job
             .accept_result(&header(&w, &task, &bytes), &bytes, SECOND)

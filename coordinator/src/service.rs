@@ -105,6 +105,30 @@ impl CoordinatorService {
         CoordinatorService { shared }
     }
 
+    /// Receives an upload and hands it to `accept` (off the async runtime:
+    /// it writes files); `what` names it in errors.
+    async fn store_upload(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+        what: &'static str,
+        accept: fn(
+            &mut Job,
+            &pb::UploadHeader,
+            &[u8],
+            Duration,
+        ) -> Result<crate::store::StoredArtifact, JobError>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let (header, payload) = self.receive_upload(request).await?;
+        let shared = self.shared.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            shared.with_now(|job, now| accept(job, &header, &payload, now))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("storing the {what} panicked: {e}")))?
+        .map_err(status)?;
+        Ok(Response::new(stored_ref(stored)))
+    }
+
     /// Receives an upload: its header (refused at once when the attempt
     /// is not current or the size is over the limit), then its payload,
     /// whose length and checksum must match the header.
@@ -216,30 +240,16 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        let (header, payload) = self.receive_upload(request).await?;
-        let shared = self.shared.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            shared.with_now(|job, now| job.accept_result(&header, &payload, now))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("storing the result panicked: {e}")))?
-        .map_err(status)?;
-        Ok(Response::new(stored_ref(stored)))
+        self.store_upload(request, "result", Job::accept_result)
+            .await
     }
 
     async fn upload_checkpoint(
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        let (header, payload) = self.receive_upload(request).await?;
-        let shared = self.shared.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            shared.with_now(|job, now| job.accept_checkpoint(&header, &payload, now))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("storing the checkpoint panicked: {e}")))?
-        .map_err(status)?;
-        Ok(Response::new(stored_ref(stored)))
+        self.store_upload(request, "checkpoint", Job::accept_checkpoint)
+            .await
     }
 
     async fn report_failure(
