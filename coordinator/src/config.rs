@@ -235,6 +235,10 @@ pub struct ClusterConfig {
     /// gRPC listen address (`--listen` overrides it).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// HTTP address of the status page and the Prometheus metrics
+    /// (`--status-listen` overrides it). Off loopback they need the token.
+    #[serde(default = "default_status_listen")]
+    pub status_listen: String,
     /// Output folder (relative to the config file): `transfer/`, `models/`,
     /// `report.json`, `report.md`.
     pub output_dir: PathBuf,
@@ -314,6 +318,9 @@ pub struct LoadTestConfig {
 fn default_listen() -> String {
     "127.0.0.1:50051".into()
 }
+fn default_status_listen() -> String {
+    "127.0.0.1:8080".into()
+}
 fn default_seed() -> u64 {
     1
 }
@@ -340,8 +347,9 @@ fn default_max_artifact_mib() -> u64 {
 }
 
 /// Top-level keys a restarted job may change (see [`ClusterConfig::identity`]).
-const OPERATIONAL_KEYS: [&str; 11] = [
+const OPERATIONAL_KEYS: [&str; 12] = [
     "listen",
+    "status_listen",
     "max_artifact_mib",
     "checkpoint_interval_secs",
     "output_dir",
@@ -445,6 +453,15 @@ impl ClusterConfig {
             invalid(
                 "listen",
                 format!("{:?} is not an address like 127.0.0.1:50051", self.listen),
+            )
+        })?;
+        self.status_listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "status_listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    self.status_listen
+                ),
             )
         })?;
         if !(1..=100_000).contains(&self.transfer_shards) {

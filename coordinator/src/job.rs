@@ -128,6 +128,11 @@ pub struct Job {
     pub clusters: Option<Clusters>,
     /// Workers that were told the job is over.
     pub told_over: BTreeSet<String>,
+    /// Training loss over time per task, as `[step, loss]` (see
+    /// [`CURVE_POINTS`]).
+    pub curves: HashMap<String, Vec<[f64; 2]>>,
+    /// When each unfinished task's latest checkpoint was stored.
+    pub checkpoint_times: HashMap<String, Duration>,
     transfer_dir: PathBuf,
     shard_entries: Vec<Option<ShardEntry>>,
     dataset_fingerprint: String,
@@ -174,6 +179,8 @@ impl Job {
             evaluations: None,
             clusters: None,
             told_over: BTreeSet::new(),
+            curves: HashMap::new(),
+            checkpoint_times: HashMap::new(),
             transfer_dir,
             dataset_fingerprint: fingerprint.to_string(),
             train_len,
@@ -274,6 +281,8 @@ impl Job {
             },
         )?;
         tracing::info!(task = %id, attempt = header.attempt, epochs_done = checkpoint.epochs_done, bytes = payload.len(), "checkpoint stored");
+        metrics::counter!("distill_checkpoints_stored_total").increment(1);
+        self.checkpoint_times.insert(id, now);
         Ok(stored)
     }
 
@@ -509,7 +518,15 @@ impl Job {
         worker.progress = req.progress.clone();
         let task = self.task_index(&req.task_id)?;
         match self.scheduler.heartbeat(task, req.attempt, now) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                if let Some(p) = &req.progress {
+                    if p.epochs > 0 && p.loss.is_finite() && p.step > 0 {
+                        let curve = self.curves.entry(req.task_id.clone()).or_default();
+                        add_curve_point(curve, [p.step as f64, p.loss]);
+                    }
+                }
+                Ok(true)
+            }
             Err(Refusal::StaleAttempt { .. }) => {
                 if self.scheduler.is_over() {
                     self.told_over.insert(req.worker_id.clone());
@@ -735,12 +752,18 @@ impl Job {
             w.task = None;
         }
         tracing::info!(task = %id, attempt = header.attempt, worker = %header.worker_id, seconds = header.seconds, bytes = payload.len(), "task finished");
+        metrics::counter!("distill_tasks_completed_total").increment(1);
+        if is_shard {
+            metrics::counter!("distill_transfer_bytes_written_total")
+                .increment(payload.len() as u64);
+        }
         Ok(stored)
     }
 
     /// Deletes task `id`'s checkpoint, if it has one.
     fn drop_checkpoint(&mut self, id: &str) -> Result<(), JobError> {
         let name = checkpoint_artifact(id);
+        self.checkpoint_times.remove(id);
         if self.store.get(&name).is_some() {
             self.store.remove(&name)?;
             self.state.forget_checkpoint(id)?;
@@ -788,6 +811,7 @@ impl Job {
             self.scheduler.fail(task, report.attempt, &report.error)?
         };
         tracing::warn!(task = %report.task_id, attempt = report.attempt, worker = %report.worker_id, error = %report.error, "task attempt failed");
+        metrics::counter!("distill_task_failures_total").increment(1);
         Ok(outcome == FailureOutcome::WillRetry)
     }
 
@@ -867,6 +891,25 @@ impl Job {
         self.scheduler
             .index_of(task)
             .is_some_and(|i| self.scheduler.state(i) == &crate::scheduler::TaskState::Done)
+    }
+}
+
+/// Most points kept of a task's loss curve: past it, every other point is
+/// dropped, so a long run keeps its whole shape at a bounded cost.
+pub const CURVE_POINTS: usize = 400;
+
+/// Appends `point` to `curve`, thinning it past [`CURVE_POINTS`].
+fn add_curve_point(curve: &mut Vec<[f64; 2]>, point: [f64; 2]) {
+    if curve.last().is_some_and(|last| last[0] >= point[0]) {
+        return; // the same step again (or an older attempt's)
+    }
+    curve.push(point);
+    if curve.len() > CURVE_POINTS {
+        let mut keep = false;
+        curve.retain(|_| {
+            keep = !keep;
+            keep
+        });
     }
 }
 

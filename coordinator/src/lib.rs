@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod config;
 pub mod data;
+pub mod http;
 pub mod job;
 pub mod limits;
 pub mod local_workers;
@@ -16,6 +17,8 @@ pub mod report;
 pub mod scheduler;
 pub mod service;
 pub mod state;
+pub mod status;
+pub mod status_client;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -55,6 +58,11 @@ pub struct Options {
     pub token_file: Option<PathBuf>,
     /// Forget an earlier run's state and outputs and start the job over.
     pub fresh: bool,
+    /// Status page address overriding the config's `status_listen`.
+    pub status_listen: Option<String>,
+    /// After the job ends, keep serving the status page and the report
+    /// this long.
+    pub linger: Duration,
 }
 
 /// What to do after the coordinator stopped early.
@@ -209,6 +217,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     // Tests and scripts read this line to find the port when listening on :0.
     println!("coordinator listening on {url}");
+    let (status_url, status_stop, status_server) =
+        serve_status(&cfg, &opts, &shared, &out, token.as_ref()).await?;
+    println!("status page on {status_url}");
     tracing::info!(%url, tasks, output_dir = %out.display(), "job planned, serving");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -220,9 +231,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("[tls]")?;
     }
+    // Reflection, so that grpcurl and similar tools find the services (the
+    // calls themselves still need the token).
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
     let server = tokio::spawn(
         builder
             .add_service(health_service)
+            .add_service(reflection)
             .add_service(InterceptedService::new(
                 CoordinatorServer::new(CoordinatorService::new(shared.clone()))
                     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
@@ -260,6 +279,21 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Duration::from_millis(3 * cfg.heartbeat_interval_ms + 2000),
     )
     .await;
+    if !opts.linger.is_zero() {
+        tracing::info!(
+            seconds = opts.linger.as_secs_f64(),
+            url = %status_url,
+            "the job is over; serving the status page and the report until --linger runs out"
+        );
+        let mut sigterm = terminate_signal()?;
+        tokio::select! {
+            _ = tokio::time::sleep(opts.linger) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+    }
+    let _ = status_stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), status_server).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if let Some(local) = local {
@@ -270,6 +304,56 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         local.finish(Duration::from_secs(30)).await;
     }
     result
+}
+
+/// Starts the status page and metrics server; returns its URL, the sender
+/// that stops it, and its task.
+async fn serve_status(
+    cfg: &ClusterConfig,
+    opts: &Options,
+    shared: &SharedJob,
+    out: &std::path::Path,
+    token: Option<&Token>,
+) -> anyhow::Result<(
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let listen = opts
+        .status_listen
+        .clone()
+        .unwrap_or_else(|| cfg.status_listen.clone());
+    let addr: SocketAddr = listen.parse().with_context(|| {
+        format!("--status-listen {listen:?} is not an address like 127.0.0.1:8080")
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("status_listen: cannot listen on {addr} (another job's status page? set status_listen or --status-listen, port 0 picks a free one)")
+    })?;
+    let addr = listener.local_addr()?;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("a metrics recorder was already installed; /metrics shows only its own");
+    }
+    let server = http::StatusServer {
+        shared: shared.clone(),
+        out: out.to_path_buf(),
+        metrics: handle,
+        token: http::token_for(&addr, token),
+    };
+    if server.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the status page is open to anyone who reaches it (authentication is off)");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = axum::serve(listener, server.router()).with_graceful_shutdown(async {
+        let _ = stop_rx.await;
+    });
+    let task = tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "the status page server stopped");
+        }
+    });
+    Ok((format!("http://{addr}/"), stop_tx, task))
 }
 
 /// Removes what an earlier run left in `out` (for `--fresh`).

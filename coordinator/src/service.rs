@@ -52,6 +52,12 @@ impl SharedJob {
         self.started.elapsed()
     }
 
+    /// A snapshot of the job for people and tools, with `report` (the
+    /// report's Markdown, once written).
+    pub fn status(&self, report: Option<String>) -> crate::status::JobStatus {
+        self.with_now(|job, now| crate::status::JobStatus::of(job, &self.job_name, now, report))
+    }
+
     /// Runs `f` on the job under its lock, with the current time.
     pub fn with_now<R>(&self, f: impl FnOnce(&mut Job, Duration) -> R) -> R {
         let now = self.now();
@@ -263,6 +269,16 @@ impl Coordinator for CoordinatorService {
             .with_now(|job, now| job.fail(&report, now))
             .map_err(status)?;
         Ok(Response::new(pb::FailureResponse { will_retry }))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let snapshot = self.shared.status(None);
+        Ok(Response::new(pb::StatusResponse {
+            status_json: serde_json::to_vec(&snapshot).expect("a status serialises"),
+        }))
     }
 
     type DownloadArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;

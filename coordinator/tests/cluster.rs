@@ -45,6 +45,7 @@ fn write_config(dir: &Path, teacher_epochs: usize) -> PathBuf {
     let text = format!(
         r#"
 output_dir = "out"
+status_listen = "127.0.0.1:0"
 seed = 3
 transfer_shards = 4
 lease_timeout_secs = 3.0
@@ -91,6 +92,8 @@ temperature = 4.0
 struct Coordinator {
     child: Child,
     url: String,
+    /// The status page's URL (ends with `/`).
+    status_url: String,
     stdout: BufReader<ChildStdout>,
     logs: Receiver<String>,
 }
@@ -99,6 +102,27 @@ impl Coordinator {
     /// A coordinator on a free port, without local workers.
     fn start(config: &Path) -> Self {
         Coordinator::start_with(config, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// An HTTP GET of `path` on the status server; returns the status code
+    /// and the body.
+    fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let base = self.status_url.trim_start_matches("http://");
+        let host = base.trim_end_matches('/');
+        // The server may listen on 0.0.0.0: connect over loopback.
+        let port = host.rsplit(':').next().unwrap();
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (code, body)
     }
 
     /// A coordinator started with `args` after `--config`.
@@ -128,9 +152,17 @@ impl Coordinator {
             .strip_prefix("coordinator listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        let status_url = line
+            .trim()
+            .strip_prefix("status page on ")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .to_string();
         Coordinator {
             child,
             url,
+            status_url,
             stdout,
             logs,
         }
@@ -1000,6 +1032,205 @@ fn bad_requests_are_refused_and_the_job_still_completes() {
     );
     assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
     check_outputs(&out);
+}
+
+/// The services a gRPC server lists through reflection (as grpcurl asks).
+async fn reflected_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers
+        .message()
+        .await
+        .unwrap()
+        .and_then(|a| a.message_response)
+    {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("not a service list: {other:?}"),
+    }
+}
+
+/// The value of metric `name` (with its labels, as printed) in a
+/// Prometheus text exposition; 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Headless Chromium, which the README's test command installs; its absence
+/// is a failure, never a skip.
+fn chromium() -> PathBuf {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join(name))
+                    .find(|p| p.is_file())
+            })
+        })
+        .expect("Chromium is not installed: run the README's test command (`bash scripts/test.sh`), which installs Debian's `chromium`")
+}
+
+/// Runs headless Chromium on `url` with `what` (`--dump-dom` or
+/// `--screenshot=FILE`); returns its stdout.
+fn browse(url: &str, what: &str) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--window-size=1280,900",
+            // Lets the page's script fetch and render the job's status.
+            "--virtual-time-budget=4000",
+            what,
+            url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// During a running job: the status page, loaded in headless Chromium,
+/// shows the tasks and the workers (a screenshot is kept); it needs the
+/// token off loopback; the metrics endpoint's task counters move; and
+/// `coordinator status` prints the same summary in a terminal.
+#[test]
+fn the_status_page_metrics_and_status_command_show_the_running_job() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // Teachers of a few seconds, so that the job is still running.
+    let config = write_config(dir.path(), 5000);
+    // Off loopback, so that the page needs the token.
+    let coordinator = Coordinator::start_with(
+        &config,
+        &["--listen", "127.0.0.1:0", "--status-listen", "0.0.0.0:0"],
+    );
+    let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    loop {
+        let (_, line) = workers
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a teacher trains");
+        if line.contains("epoch done") {
+            break;
+        }
+    }
+
+    let (code, _) = coordinator.http_get("/api/status");
+    assert_eq!(code, 401, "no token, no status");
+    let (code, before) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
+    assert_eq!(code, 200);
+    assert!(
+        metric(&before, "distill_tasks{state=\"running\"}") >= 1.0,
+        "{before}"
+    );
+    assert_eq!(
+        metric(&before, "distill_tasks{state=\"done\"}"),
+        0.0,
+        "{before}"
+    );
+    assert!(metric(&before, "distill_workers_alive") >= 1.0, "{before}");
+
+    let page = format!(
+        "{}?token={TOKEN}",
+        coordinator.status_url.replace("0.0.0.0", "127.0.0.1")
+    );
+    let dom = browse(&page, "--dump-dom");
+    for task in [
+        "teacher-0",
+        "teacher-1",
+        "baseline",
+        "infer-00000",
+        "student",
+        "evaluate",
+    ] {
+        assert!(
+            dom.contains(&format!("data-task=\"{task}\"")),
+            "{task} is not on the page:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains("data-worker=\"w1-") && dom.contains("data-worker=\"w2-"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("class=\"task running\""),
+        "a running task is shown as running"
+    );
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    browse(&page, &format!("--screenshot={}", shot.display()));
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a real screenshot"
+    );
+    eprintln!("status page screenshot: {}", shot.display());
+
+    let addr = coordinator.url.trim_start_matches("http://");
+    let status = Command::new(coordinator_bin())
+        .args(["status", "--addr", addr])
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        printed.contains("tasks done") && printed.contains("running teacher-"),
+        "{printed}"
+    );
+    assert!(printed.contains("workers: 2 alive of 2"), "{printed}");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let services = runtime.block_on(reflected_services(&coordinator.url));
+    for service in ["distill.cluster.v1.Coordinator", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == service), "{services:?}");
+    }
+
+    coordinator.wait_for_log("task finished", Duration::from_secs(120));
+    let (_, after) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
+    assert!(
+        metric(&after, "distill_tasks{state=\"done\"}") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "distill_tasks_completed_total") >= 1.0,
+        "{after}"
+    );
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
+    assert!(ok, "{stdout}");
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
 }
 
 #[test]

@@ -83,6 +83,11 @@ impl Token {
         Token(hex::encode(bytes).into())
     }
 
+    /// Whether `sent` is this token (compared in constant time).
+    pub fn matches(&self, sent: &str) -> bool {
+        bool::from(sent.as_bytes().ct_eq(self.0.as_bytes()))
+    }
+
     /// The secret itself, to hand to a child process.
     pub fn expose(&self) -> &str {
         &self.0
@@ -122,9 +127,7 @@ impl Interceptor for RequireToken {
             .and_then(|v| v.strip_prefix("Bearer "));
         let reason = match sent {
             None => "no bearer token",
-            Some(token) if bool::from(token.as_bytes().ct_eq(expected.0.as_bytes())) => {
-                return Ok(request)
-            }
+            Some(token) if expected.matches(token) => return Ok(request),
             Some(_) => "wrong token",
         };
         tracing::warn!(peer = ?request.remote_addr(), reason, "call refused: not authenticated");

@@ -11,6 +11,11 @@ pub mod pb {
     tonic::include_proto!("distill.cluster.v1");
 }
 
+/// The API's encoded protobuf descriptors, for gRPC server reflection
+/// (`grpcurl` and similar tools discover the services with it).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cluster_descriptor.bin"));
+
 /// Largest payload per streamed message (1 MiB): well under gRPC's 4 MiB
 /// default message limit, large enough to keep per-message overhead small.
 pub const CHUNK_BYTES: usize = 1 << 20;

@@ -39,6 +39,10 @@ pub struct Options {
     /// After SIGTERM, how long the running task may take to reach a
     /// checkpoint (or its end) before it is abandoned.
     pub stop_grace: Duration,
+    /// Serve the standard gRPC health service here (for probes).
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`/metrics`) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the worker exited.
@@ -57,6 +61,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Exit> {
     client::check_url(&opts.coordinator, &opts.credentials)?;
     let shutdown = shutdown::Shutdown::default();
     shutdown.listen(opts.stop_grace)?;
+    if let Some(addr) = opts.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    }
+    if let Some(addr) = opts.health_listen {
+        serve_health(addr).await?;
+    }
     let device = select(opts.device)?;
     let cache = ArtifactCache::open(&opts.scratch)?;
     let caps = pb::Capabilities {
@@ -146,6 +160,30 @@ async fn serve(
             None => anyhow::bail!("the coordinator sent an empty lease response"),
         }
     }
+}
+
+/// Serves the standard gRPC health service on `addr` (SERVING while the
+/// process lives), for liveness and readiness probes.
+async fn serve_health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(async move {
+        // The reporter must live as long as the service reports.
+        let _reporter = reporter;
+        let serving = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "the health service stopped");
+        }
+    });
+    tracing::info!(%addr, "serving gRPC health");
+    Ok(())
 }
 
 /// Errors that mean "the coordinator is (for now) out of reach", as

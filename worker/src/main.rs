@@ -39,6 +39,14 @@ struct Args {
     /// checkpoint (training) or its end before it is abandoned.
     #[arg(long, default_value_t = 25.0)]
     stop_grace: f64,
+    /// Serve the standard gRPC health service on this address (for
+    /// Kubernetes probes), such as 0.0.0.0:9090.
+    #[arg(long)]
+    health_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics on this address (`/metrics`), such as
+    /// 0.0.0.0:9100.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -106,6 +114,8 @@ fn main() -> std::process::ExitCode {
             .unwrap_or_else(|| std::env::temp_dir().join("distill-worker")),
         give_up_after: Duration::from_secs_f64(args.give_up_after.max(0.0)),
         stop_grace: Duration::from_secs_f64(args.stop_grace.max(0.0)),
+        health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

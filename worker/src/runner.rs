@@ -193,8 +193,13 @@ pub async fn run_task(
                 seconds,
                 summary_json: serde_json::to_vec(&output.summary).expect("summary serialises"),
             };
+            let size = output.payload.len() as u64;
             match client::upload(client, UploadKind::Result, meta, output.payload).await {
-                Ok(_) => tracing::info!(task = %task_id, attempt, seconds, "task finished"),
+                Ok(_) => {
+                    tracing::info!(task = %task_id, attempt, seconds, "task finished");
+                    metrics::counter!("distill_worker_tasks_completed_total").increment(1);
+                    metrics::counter!("distill_worker_bytes_uploaded_total").increment(size);
+                }
                 Err(s)
                     if matches!(
                         s.code(),
@@ -292,6 +297,7 @@ async fn report_failure(
     permanent: bool,
 ) -> anyhow::Result<()> {
     tracing::error!(task, attempt, %error, permanent, "task failed");
+    metrics::counter!("distill_worker_tasks_failed_total").increment(1);
     let report = pb::FailureReport {
         worker_id: state.worker_id.clone(),
         task_id: task.into(),
@@ -337,7 +343,11 @@ async fn upload_checkpoints(
     while let Some(bytes) = uploads.recv().await {
         let size = bytes.len();
         match client::upload(&mut client, UploadKind::Checkpoint, meta.clone(), bytes).await {
-            Ok(_) => tracing::info!(task = %meta.task_id, bytes = size, "checkpoint uploaded"),
+            Ok(_) => {
+                tracing::info!(task = %meta.task_id, bytes = size, "checkpoint uploaded");
+                metrics::counter!("distill_worker_checkpoints_uploaded_total").increment(1);
+                metrics::counter!("distill_worker_bytes_uploaded_total").increment(size as u64);
+            }
             Err(s) => {
                 tracing::warn!(task = %meta.task_id, "checkpoint upload failed: {}", s.message())
             }
@@ -355,7 +365,13 @@ async fn heartbeat_loop(
     let mut interval = tokio::time::interval(period);
     loop {
         interval.tick().await;
-        req.progress = Some(progress.lock().expect("progress lock").clone());
+        let now = progress.lock().expect("progress lock").clone();
+        metrics::gauge!("distill_worker_examples_per_second").set(now.examples_per_second);
+        metrics::gauge!("distill_worker_epoch").set(f64::from(now.epoch));
+        if now.loss.is_finite() && now.epochs > 0 {
+            metrics::gauge!("distill_worker_loss").set(now.loss);
+        }
+        req.progress = Some(now);
         match client.heartbeat(req.clone()).await {
             Ok(r) if !r.get_ref().continue_task => {
                 tracing::warn!(task = %req.task_id, attempt = req.attempt, "the coordinator revoked the lease; stopping");
@@ -382,6 +398,7 @@ async fn fetch(
         return Ok(bytes);
     }
     let bytes = client::download(client, &state.worker_id, artifact).await?;
+    metrics::counter!("distill_worker_bytes_downloaded_total").increment(bytes.len() as u64);
     state.cache.store(artifact, &bytes)?;
     tracing::info!(artifact = %artifact.name, bytes = bytes.len(), "downloaded");
     Ok(bytes)
