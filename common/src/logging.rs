@@ -1,7 +1,35 @@
 //! Log set-up shared by the binaries: tracing to stderr, human-readable or
-//! one JSON object per line, filtered by `RUST_LOG` (default `info`).
+//! one JSON object per line, filtered by `RUST_LOG` (default `info`). On a
+//! terminal, with text logs, the binaries may also draw progress bars
+//! ([`progress_bars`]); log lines then print above them.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
+
+/// The terminal's progress bars, when there is a terminal.
+static BARS: OnceLock<indicatif::MultiProgress> = OnceLock::new();
+
+/// Progress bars to draw on, when stderr is a terminal and logs are text
+/// (`None` elsewhere: logs only).
+pub fn progress_bars() -> Option<&'static indicatif::MultiProgress> {
+    BARS.get()
+}
+
+/// Writes log lines to stderr, above the progress bars if any.
+struct AboveBars;
+
+impl Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match BARS.get() {
+            Some(bars) => bars.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,10 +67,14 @@ impl std::str::FromStr for LogFormat {
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
+    if terminal && format == LogFormat::Text {
+        let _ = BARS.set(indicatif::MultiProgress::new());
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(|| AboveBars)
+        .with_ansi(terminal);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

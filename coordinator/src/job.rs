@@ -854,9 +854,9 @@ impl Job {
         }
     }
 
-    /// A one-line summary for the periodic log.
-    pub fn summary_line(&self, now: Duration) -> String {
-        let c = self.scheduler.counts();
+    /// What each worker is doing, on one line: `worker: task epoch e/n
+    /// loss l`, comma-separated.
+    pub fn running_line(&self) -> String {
         let running: Vec<String> = self
             .workers
             .iter()
@@ -872,6 +872,12 @@ impl Job {
                 })
             })
             .collect();
+        running.join(", ")
+    }
+
+    /// A one-line summary for the periodic log.
+    pub fn summary_line(&self, now: Duration) -> String {
+        let c = self.scheduler.counts();
         format!(
             "tasks done {}/{} (running {}, ready {}, blocked {}, failed {}); workers alive {}; {}",
             c.done,
@@ -881,7 +887,7 @@ impl Job {
             c.blocked,
             c.failed,
             self.workers_alive(now),
-            running.join(", ")
+            self.running_line()
         )
     }
 

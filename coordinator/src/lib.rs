@@ -385,6 +385,18 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let summary_every = Duration::from_secs_f64(cfg.summary_interval_secs);
     let mut last_summary = Instant::now();
+    let bar = common::logging::progress_bars().map(|bars| {
+        let total = shared.with(|job| job.scheduler.len());
+        let bar = bars.add(indicatif::ProgressBar::new(total as u64));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} tasks  {wide_msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     let mut sigterm = terminate_signal()?;
     loop {
@@ -395,12 +407,20 @@ async fn supervise(
         }
         let (over, failure) = shared.with_now(|job, now| {
             job.tick(now);
-            if last_summary.elapsed() >= summary_every {
+            if let Some(bar) = &bar {
+                bar.set_position(job.scheduler.counts().done as u64);
+                bar.set_message(job.running_line());
+            } else if last_summary.elapsed() >= summary_every {
                 tracing::info!("{}", job.summary_line(now));
                 last_summary = Instant::now();
             }
             (job.scheduler.is_over(), job.scheduler.failure())
         });
+        if over || failure.is_some() {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+        }
         if let Some(f) = failure {
             anyhow::bail!("the job failed: {f}");
         }

@@ -68,10 +68,28 @@ impl LocalWorkers {
                 Some(token) => cmd.env(TOKEN_ENV, token.expose()),
                 None => cmd.env_remove(TOKEN_ENV),
             };
+            let bars = common::logging::progress_bars();
+            if bars.is_some() {
+                // A terminal with progress bars: the workers' lines go above
+                // them, and only their warnings unless RUST_LOG says more.
+                cmd.stderr(std::process::Stdio::piped());
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+            }
             die_with_parent(&mut cmd);
-            let child = cmd
+            let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot start {}", binary.display()))?;
+            if let (Some(bars), Some(stderr)) = (bars, child.stderr.take()) {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncBufReadExt;
+                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        bars.suspend(|| eprintln!("{line}"));
+                    }
+                });
+            }
             tracing::info!(pid = child.id(), index = i, "local worker started");
             children.push(child);
         }
