@@ -1131,7 +1131,20 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         &config,
         &["--listen", "127.0.0.1:0", "--status-listen", "0.0.0.0:0"],
     );
-    let mut workers = Workers::start(2, &coordinator.url, dir.path());
+    // One worker also serves its metrics and the gRPC health service.
+    let (worker_metrics, worker_health) = (free_loopback_address(), free_loopback_address());
+    let mut workers = Workers::start_with(
+        1,
+        &coordinator.url,
+        dir.path(),
+        &[
+            "--metrics-listen".as_ref(),
+            worker_metrics.as_ref(),
+            "--health-listen".as_ref(),
+            worker_health.as_ref(),
+        ],
+    );
+    let mut other = Workers::start(1, &coordinator.url, &dir.path().join("other"));
     loop {
         let (_, line) = workers
             .lines
@@ -1217,6 +1230,41 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
     for service in ["distill.cluster.v1.Coordinator", "grpc.health.v1.Health"] {
         assert!(services.iter().any(|s| s == service), "{services:?}");
     }
+    let health = runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{worker_health}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    });
+    assert_eq!(
+        health,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let worker_text = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&worker_metrics).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.0\r\nHost: {worker_metrics}\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        worker_text.contains("distill_worker_epoch"),
+        "{worker_text}"
+    );
 
     coordinator.wait_for_log("task finished", Duration::from_secs(120));
     let (_, after) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
@@ -1230,7 +1278,8 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
     );
     let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
     assert!(ok, "{stdout}");
-    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
+    assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true]);
+    assert_eq!(other.wait_all(Duration::from_secs(20)), vec![true]);
 }
 
 #[test]
