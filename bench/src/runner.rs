@@ -103,7 +103,7 @@ pub fn run_job(
     let status = Command::new(paths.bin_dir.join("coordinator"))
         .arg("--config")
         .arg(&config)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--status-listen", "127.0.0.1:0"])
         // The config changed (or the last run did not finish): start over;
         // the task cache keeps what still applies.
         .arg("--fresh")

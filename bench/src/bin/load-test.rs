@@ -67,7 +67,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "output_dir = \"out\"\nheartbeat_interval_ms = 1000\nlease_timeout_secs = 60\n\
+            "output_dir = \"out\"\nstatus_listen = \"127.0.0.1:0\"\nheartbeat_interval_ms = 1000\nlease_timeout_secs = 60\n\
              summary_interval_secs = 5\n[load_test]\ntasks = {}\n[dataset]\nsource = \"synthetic\"\n\
              validation_size = 100\n[dataset.synthetic]\ntrain_size = 600\ntest_size = 100\n\
              [teachers]\nhidden = [8]\n[student]\nhidden = [8]\n",
