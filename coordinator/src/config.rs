@@ -911,6 +911,26 @@ hidden = [16]
         assert!(seen >= 5, "{seen} example configs in {}", dir.display());
     }
 
+    /// The cluster.toml inside `deploy/configmap.yaml` is a valid config.
+    #[test]
+    fn the_deploy_config_map_holds_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configmap.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let (_, block) = yaml
+            .split_once("  cluster.toml: |\n")
+            .expect("the ConfigMap holds cluster.toml as a block");
+        let text: String = block
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or("")))
+            .collect();
+        let cfg =
+            ClusterConfig::parse(&text, &path, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.output_dir, Path::new("/data/job"));
+        assert_eq!(cfg.listen, "0.0.0.0:50051");
+        assert_eq!(cfg.status_listen, "0.0.0.0:8080");
+    }
+
     #[test]
     fn model_tables_refuse_a_seed_of_their_own() {
         let err = parse(&format!("{MINIMAL}\n[teachers.train]\nseed = 5")).unwrap_err();
