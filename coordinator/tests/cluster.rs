@@ -1129,7 +1129,14 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
     // Off loopback, so that the page needs the token.
     let coordinator = Coordinator::start_with(
         &config,
-        &["--listen", "127.0.0.1:0", "--status-listen", "0.0.0.0:0"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--status-listen",
+            "0.0.0.0:0",
+            "--linger",
+            "30",
+        ],
     );
     // One worker also serves its metrics and the gRPC health service.
     let (worker_metrics, worker_health) = (free_loopback_address(), free_loopback_address());
@@ -1276,8 +1283,30 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         metric(&after, "distill_tasks_completed_total") >= 1.0,
         "{after}"
     );
-    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
-    assert!(ok, "{stdout}");
+
+    // After the job, --linger keeps the page and the report up.
+    coordinator.wait_for_log(
+        "serving the status page and the report",
+        Duration::from_secs(240),
+    );
+    let (code, report) = coordinator.http_get(&format!("/report.md?token={TOKEN}"));
+    assert_eq!(code, 200);
+    assert!(report.contains("student"), "{report}");
+    let (_, done) = coordinator.http_get(&format!("/api/status?token={TOKEN}"));
+    let done: serde_json::Value = serde_json::from_str(&done).unwrap();
+    assert_eq!(done["state"], "succeeded");
+    assert!(done["report"].as_str().unwrap().contains("student"));
+    let pid = coordinator.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, stdout) = coordinator.wait(Duration::from_secs(30));
+    assert!(
+        ok,
+        "SIGTERM while lingering ends a finished job well: {stdout}"
+    );
     assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true]);
     assert_eq!(other.wait_all(Duration::from_secs(20)), vec![true]);
 }
