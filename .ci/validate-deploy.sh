@@ -27,5 +27,13 @@ for f in "${manifests[@]}"; do
 done
 "$venv/bin/kubernetes-validate" --strict --quiet "${manifests[@]}"
 echo "kubernetes-validate --strict: ${#manifests[@]} manifests valid"
+# The validator must catch a broken manifest (an unknown field).
+broken=$(mktemp -d)
+trap 'rm -rf "$broken"' EXIT
+sed 's/^  backoffLimit:/  backoffLimitTypo:/' deploy/coordinator-job.yaml > "$broken/job.yaml"
+if "$venv/bin/kubernetes-validate" --strict --quiet "$broken/job.yaml" >/dev/null 2>&1; then
+  echo "kubernetes-validate accepted a manifest with an unknown field" >&2
+  exit 1
+fi
 "$venv/bin/hadolint" deploy/Dockerfile deploy/Dockerfile.cuda
 echo "hadolint: deploy/Dockerfile, deploy/Dockerfile.cuda clean"
