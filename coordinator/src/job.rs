@@ -461,6 +461,10 @@ impl Job {
                 let planned = &self.plan.tasks[task];
                 let checkpoint = checkpoint_artifact(&planned.id);
                 let resume = self.store.get(&checkpoint).is_some().then_some(checkpoint);
+                if resume.is_none() {
+                    // Starting from scratch: the last attempt's curve is moot.
+                    self.curves.remove(&planned.id);
+                }
                 let inputs = planned
                     .inputs
                     .iter()
@@ -1440,5 +1444,21 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, JobError::Refused(_)), "{err}");
         assert!(!dir.path().join("models/teacher-0.safetensors").exists());
+    }
+
+    #[test]
+    fn loss_curves_keep_their_shape_within_a_bounded_size() {
+        let mut curve = Vec::new();
+        for step in 1..=5000u32 {
+            add_curve_point(&mut curve, [f64::from(step), 1.0 / f64::from(step)]);
+        }
+        add_curve_point(&mut curve, [10.0, 9.0]);
+        assert!(curve.len() <= CURVE_POINTS && curve.len() > CURVE_POINTS / 2);
+        assert_eq!(curve[0], [1.0, 1.0], "the start is kept");
+        assert!(
+            curve.windows(2).all(|w| w[0][0] < w[1][0]),
+            "steps only go up"
+        );
+        assert!(curve.last().unwrap()[0] > 4900.0, "the end is kept");
     }
 }
