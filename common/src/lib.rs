@@ -5,7 +5,9 @@
 //! Both binaries (and the candle-based `distill` crate) depend on this crate;
 //! it depends on none of them.
 
+pub mod artifact;
 pub mod atomic_file;
+pub mod blob;
 pub mod checksum;
 pub mod dataset;
 pub mod error;

@@ -14,22 +14,25 @@
 //! entry without it is incomplete and ignored. A result whose checksum does
 //! not match is logged, deleted and treated as missing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
-use common::atomic_file::write_atomic;
-use common::checksum::sha256_hex;
+use bytes::Bytes;
+use common::artifact::ArtifactRef;
+use common::blob::{self, BlobStore, LocalStore, PutMode};
 use distill::task::TaskSpec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Changes when the meaning of a key or an entry's layout changes.
-const CACHE_FORMAT: &str = "distill-task-cache/1";
+/// Changes when the meaning of a key or an entry's layout changes (2: the
+/// inputs are named by their typed artifact names).
+const CACHE_FORMAT: &str = "distill-task-cache/2";
 
 /// A result read back from the cache.
 #[derive(Clone, Debug)]
 pub struct CachedResult {
     /// The task's output bytes (checksum verified).
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// The worker's summary when it ran the task.
     pub summary: serde_json::Value,
     /// Seconds the compute took when it ran.
@@ -44,86 +47,99 @@ struct Meta {
     seconds: f64,
 }
 
-/// A folder of cached task results.
+/// Cached task results in a blob store.
 #[derive(Clone, Debug)]
 pub struct TaskCache {
-    dir: PathBuf,
+    store: Arc<dyn BlobStore>,
 }
 
 impl TaskCache {
-    /// The cache in `dir` (created if missing).
-    pub fn open(dir: &Path) -> common::Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| common::Error::io(dir, e))?;
-        Ok(TaskCache {
-            dir: dir.to_path_buf(),
-        })
+    /// The cache in folder `dir`.
+    pub fn open(dir: &Path) -> Self {
+        Self::in_store(Arc::new(LocalStore::new(dir)))
     }
 
-    /// The key of `spec` run on `inputs` (artifact name, sha256), in the
-    /// order the task lists them.
-    pub fn key<'a>(
-        spec: &TaskSpec,
-        inputs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> String {
+    /// The cache in `store`.
+    pub fn in_store(store: Arc<dyn BlobStore>) -> Self {
+        TaskCache { store }
+    }
+
+    /// The key of `spec` run on `inputs`, in the order the task lists them.
+    pub fn key<'a>(spec: &TaskSpec, inputs: impl IntoIterator<Item = &'a ArtifactRef>) -> String {
         let mut h = Sha256::new();
         h.update(CACHE_FORMAT.as_bytes());
         h.update([0]);
         h.update(serde_json::to_vec(spec).expect("specs serialise"));
-        for (name, sha256) in inputs {
+        for input in inputs {
             h.update([0]);
-            h.update(name.as_bytes());
+            h.update(input.name.to_string().as_bytes());
             h.update([0]);
-            h.update(sha256.as_bytes());
+            h.update(input.sha256.as_bytes());
         }
         hex::encode(h.finalize())
     }
 
     /// The result stored under `key`, if there is a complete, intact one.
-    pub fn get(&self, key: &str) -> Option<CachedResult> {
-        let entry = self.dir.join(key);
-        let meta: Meta = serde_json::from_slice(&std::fs::read(entry.join("meta.json")).ok()?)
-            .map_err(|e| tracing::warn!(entry = %entry.display(), error = %e, "unreadable cache entry ignored"))
+    pub async fn get(&self, key: &str) -> Option<CachedResult> {
+        let store = &*self.store;
+        let meta = blob::get_bytes(store, &format!("{key}/meta.json"))
+            .await
             .ok()?;
-        let payload = std::fs::read(entry.join("result.bin")).ok()?;
-        if payload.len() as u64 != meta.size || sha256_hex(&payload) != meta.sha256 {
-            tracing::warn!(entry = %entry.display(), "corrupted cache entry deleted; the task runs again");
-            let _ = std::fs::remove_dir_all(&entry);
-            return None;
+        let meta: Meta = serde_json::from_slice(&meta)
+            .map_err(|e| tracing::warn!(entry = key, error = %e, "unreadable cache entry ignored"))
+            .ok()?;
+        let result = format!("{key}/result.bin");
+        match blob::get_verified(store, &result, &meta.sha256).await {
+            Ok(payload) if payload.len() as u64 == meta.size => Some(CachedResult {
+                payload: payload.into(),
+                summary: meta.summary,
+                seconds: meta.seconds,
+            }),
+            Err(e) if e.is_not_found() => None,
+            _ => {
+                tracing::warn!(
+                    entry = key,
+                    "corrupted cache entry deleted; the task runs again"
+                );
+                let _ = store.remove(&format!("{key}/meta.json")).await;
+                let _ = store.remove(&result).await;
+                None
+            }
         }
-        Some(CachedResult {
-            payload,
-            summary: meta.summary,
-            seconds: meta.seconds,
-        })
     }
 
     /// Stores a result under `key` (replacing any entry there).
-    pub fn put(
+    pub async fn put(
         &self,
         key: &str,
-        payload: &[u8],
+        payload: Bytes,
         summary: &serde_json::Value,
         seconds: f64,
-    ) -> common::Result<()> {
-        let entry = self.dir.join(key);
-        std::fs::create_dir_all(&entry).map_err(|e| common::Error::io(&entry, e))?;
-        write_atomic(&entry.join("result.bin"), payload)?;
+    ) -> Result<(), blob::BlobError> {
+        let store = &*self.store;
+        let written = blob::put_bytes(
+            store,
+            &format!("{key}/result.bin"),
+            payload,
+            PutMode::Overwrite,
+        )
+        .await?;
         let meta = Meta {
-            sha256: sha256_hex(payload),
-            size: payload.len() as u64,
+            sha256: written.sha256,
+            size: written.size,
             summary: summary.clone(),
             seconds,
         };
-        write_atomic(
-            &entry.join("meta.json"),
-            &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
-        )
+        let meta = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+        blob::put_bytes(store, &format!("{key}/meta.json"), meta, PutMode::Overwrite).await?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::artifact::ArtifactName;
     use distill::task::InferTask;
 
     fn spec(end: usize) -> TaskSpec {
@@ -136,33 +152,52 @@ mod tests {
         })
     }
 
-    #[test]
-    fn key_depends_on_spec_and_input_checksums() {
-        let k = TaskCache::key(&spec(10), [("dataset", "aa")]);
-        assert_eq!(k, TaskCache::key(&spec(10), [("dataset", "aa")]));
-        assert_ne!(k, TaskCache::key(&spec(11), [("dataset", "aa")]));
-        assert_ne!(k, TaskCache::key(&spec(10), [("dataset", "ab")]));
-        assert_ne!(k, TaskCache::key(&spec(10), [("datasets", "aa")]));
+    fn input(name: ArtifactName, sha256: &str) -> ArtifactRef {
+        ArtifactRef {
+            name,
+            sha256: sha256.into(),
+            size: 1,
+        }
     }
 
     #[test]
-    fn round_trips_and_drops_corrupted_or_incomplete_entries() {
+    fn key_depends_on_spec_and_input_checksums() {
+        let dataset = |sha| [input(ArtifactName::Dataset, sha)];
+        let k = TaskCache::key(&spec(10), &dataset("aa"));
+        assert_eq!(k, TaskCache::key(&spec(10), &dataset("aa")));
+        assert_ne!(k, TaskCache::key(&spec(11), &dataset("aa")));
+        assert_ne!(k, TaskCache::key(&spec(10), &dataset("ab")));
+        let model = [input(ArtifactName::Model("dataset".into()), "aa")];
+        assert_ne!(k, TaskCache::key(&spec(10), &model));
+    }
+
+    #[tokio::test]
+    async fn round_trips_and_drops_corrupted_or_incomplete_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = TaskCache::open(dir.path()).unwrap();
-        assert!(cache.get("k").is_none());
+        let cache = TaskCache::open(dir.path());
+        assert!(cache.get("k").await.is_none());
         let summary = serde_json::json!({"train_seconds": 1.5});
-        cache.put("k", b"model bytes", &summary, 2.0).unwrap();
-        let hit = cache.get("k").unwrap();
-        assert_eq!(hit.payload, b"model bytes");
+        cache
+            .put("k", Bytes::from_static(b"model bytes"), &summary, 2.0)
+            .await
+            .unwrap();
+        let hit = cache.get("k").await.unwrap();
+        assert_eq!(&hit.payload[..], b"model bytes");
         assert_eq!(hit.summary, summary);
         assert_eq!(hit.seconds, 2.0);
 
         std::fs::write(dir.path().join("k/result.bin"), b"model bytez").unwrap();
-        assert!(cache.get("k").is_none());
-        assert!(!dir.path().join("k").exists(), "corrupted entry deleted");
+        assert!(cache.get("k").await.is_none());
+        assert!(
+            !dir.path().join("k/result.bin").exists(),
+            "corrupted entry deleted"
+        );
 
-        cache.put("j", b"x", &summary, 1.0).unwrap();
+        cache
+            .put("j", Bytes::from_static(b"x"), &summary, 1.0)
+            .await
+            .unwrap();
         std::fs::remove_file(dir.path().join("j/meta.json")).unwrap();
-        assert!(cache.get("j").is_none());
+        assert!(cache.get("j").await.is_none());
     }
 }

@@ -20,7 +20,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use proto::auth::Token;
 
-use crate::service::SharedJob;
+use crate::job::SharedJob;
 
 /// The page itself: static HTML that renders `/api/status` every second.
 const PAGE: &str = include_str!("status_page.html");

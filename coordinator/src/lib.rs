@@ -19,27 +19,29 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod status_client;
-pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use common::artifact::{ArtifactName, ArtifactRef};
+use common::blob::{self, BlobStore, LocalStore, PutMode};
 use common::dataset::bundle::encode_splits;
-use distill::task::DATASET_ARTIFACT;
 use proto::auth::{RequireToken, Token, TOKEN_ENV};
 use proto::pb::coordinator_server::CoordinatorServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::config::ClusterConfig;
-use crate::job::{Job, LeasePolicy};
+use crate::job::SharedJob;
+use crate::job::{DatasetFacts, Job, LeasePolicy};
 use crate::local_workers::LocalWorkers;
 use crate::report::{SplitSizes, TransferSummary};
-use crate::service::{CoordinatorService, Settings, SharedJob};
+use crate::service::{CoordinatorService, Settings};
 use crate::state::StateDb;
-use crate::store::ArtifactStore;
 
 /// How the coordinator was started.
 #[derive(Clone, Debug)]
@@ -72,17 +74,9 @@ const RESUME_HINT: &str = "every finished task and the latest checkpoints are sa
 /// The state folder under the output folder.
 pub const STATE_DIR: &str = "state";
 
-/// What an earlier run leaves in the output folder that `--fresh` removes.
-const RUN_OUTPUTS: [&str; 8] = [
-    STATE_DIR,
-    "transfer",
-    "models",
-    "specialists",
-    "dataset.safetensors",
-    "evaluation.json",
-    "report.json",
-    "report.md",
-];
+/// What an earlier run leaves in the output folder besides its artifacts,
+/// which `--fresh` removes too.
+const RUN_OUTPUTS: [&str; 3] = [STATE_DIR, "report.json", "report.md"];
 
 /// How a job ended.
 #[derive(Clone, Debug)]
@@ -109,8 +103,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let out = out
         .canonicalize()
         .with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
+    let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(&out));
     if opts.fresh {
-        remove_run_outputs(&out)?;
+        remove_run_outputs(&out, &*store).await?;
     }
     let state = StateDb::open(&out.join(STATE_DIR))?;
     let resuming = state.has_job()?;
@@ -147,67 +142,83 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         dim: splits.train.dim(),
         classes: splits.train.num_classes(),
     };
-    let mut store = ArtifactStore::new(&out);
-    let transfer_dir = out.join("transfer");
-    if !resuming && transfer_dir.exists() {
+    if !resuming {
         // Shards of a run without state (an older version) must not mix
         // with this run's.
-        std::fs::remove_dir_all(&transfer_dir)
-            .with_context(|| format!("cannot clear {}", transfer_dir.display()))?;
+        for key in store.list("transfer/").await? {
+            store.remove(&key).await?;
+        }
     }
     // Hashing the training split (for the transfer set's manifest) overlaps
-    // encoding and writing the bundle; each takes a few hundred ms on MNIST.
-    let fingerprint = std::thread::scope(|scope| -> anyhow::Result<String> {
+    // encoding the bundle; each takes a few hundred ms on MNIST.
+    let (fingerprint, bundle) = std::thread::scope(|scope| -> anyhow::Result<_> {
         let hashing = scope.spawn(|| splits.train.fingerprint());
         let bundle = encode_splits(&splits)?;
         state.check_dataset(&common::checksum::sha256_hex(&bundle))?;
-        store.put(DATASET_ARTIFACT, &bundle)?;
-        Ok(hashing.join().expect("hashing the dataset panicked"))
+        Ok((
+            hashing.join().expect("hashing the dataset panicked"),
+            bundle,
+        ))
     })?;
     drop(splits);
+    let written = blob::put_bytes(
+        &*store,
+        &ArtifactName::Dataset.key(),
+        bundle,
+        PutMode::Overwrite,
+    )
+    .await?;
+    let bundle = ArtifactRef {
+        name: ArtifactName::Dataset,
+        sha256: written.sha256,
+        size: written.size,
+    };
 
     let plan = plan::plan(&cfg, sizes.train)?;
     let poll_ms = cfg.heartbeat_interval_ms.min(500) as u32;
-    let mut job = Job::new(
+    let job = Job::new(
         plan,
-        store,
-        transfer_dir,
-        (&fingerprint, sizes.train, sizes.classes),
+        DatasetFacts {
+            fingerprint,
+            train_len: sizes.train,
+            num_classes: sizes.classes,
+        },
+        bundle,
         LeasePolicy {
             timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
             max_attempts: cfg.max_attempts,
             poll_ms,
         },
-        state,
-    )?;
+        state.attempt_floor()?,
+    );
+    let cache = cfg.cache_dir.as_ref().map(|dir| {
+        tracing::info!(dir = %dir.display(), "task cache in use");
+        crate::cache::TaskCache::open(dir)
+    });
+    let tasks = job.scheduler.len();
+    let shared = SharedJob::new(
+        job,
+        store,
+        Arc::new(state),
+        cache,
+        started,
+        cfg.dataset.source.name().into(),
+    );
     if resuming {
-        let resumed = job.resume()?;
+        let resumed = shared.resume().await?;
         tracing::info!(
             done = resumed.restored.len(),
             regenerated = resumed.regenerated.len(),
             checkpoints = resumed.checkpoints.len(),
-            of = job.scheduler.len(),
+            of = tasks,
             "resuming the job from its state"
         );
     }
-    let job = match &cfg.cache_dir {
-        Some(dir) => {
-            tracing::info!(dir = %dir.display(), "task cache in use");
-            job.with_cache(crate::cache::TaskCache::open(dir)?)
-        }
-        None => job,
+    let settings = Settings {
+        heartbeat_ms: cfg.heartbeat_interval_ms as u32,
+        checkpoint_ms: (cfg.checkpoint_interval_secs * 1000.0) as u32,
+        max_artifact_bytes: cfg.max_artifact_mib << 20,
     };
-    let tasks = job.scheduler.len();
-    let shared = SharedJob::new(
-        job,
-        started,
-        Settings {
-            heartbeat_ms: cfg.heartbeat_interval_ms as u32,
-            checkpoint_ms: (cfg.checkpoint_interval_secs * 1000.0) as u32,
-            max_artifact_bytes: cfg.max_artifact_mib << 20,
-        },
-        cfg.dataset.source.name().into(),
-    );
 
     let tls = server_tls(&cfg, &opts)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -243,7 +254,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(InterceptedService::new(
-                CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+                CoordinatorServer::new(CoordinatorService::new(shared.clone(), settings))
                     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
                 RequireToken::new(token.clone()),
@@ -356,8 +367,19 @@ async fn serve_status(
     Ok((format!("http://{addr}/"), stop_tx, task))
 }
 
-/// Removes what an earlier run left in `out` (for `--fresh`).
-fn remove_run_outputs(out: &std::path::Path) -> anyhow::Result<()> {
+/// Removes what an earlier run left in `out` (for `--fresh`): its artifacts
+/// in `store` and its state and report.
+async fn remove_run_outputs(out: &std::path::Path, store: &dyn BlobStore) -> anyhow::Result<()> {
+    let mut artifacts = 0;
+    for key in store.list("").await? {
+        if ArtifactName::from_key(&key).is_ok() {
+            store.remove(&key).await?;
+            artifacts += 1;
+        }
+    }
+    if artifacts > 0 {
+        tracing::info!(artifacts, store = %store.describe(), "--fresh: removed the artifacts");
+    }
     for name in RUN_OUTPUTS {
         let path = out.join(name);
         let removed = if path.is_dir() {
@@ -447,14 +469,7 @@ fn terminate_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
 async fn wait_for_workers_told(shared: &SharedJob, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        let pending = shared.with_now(|job, now| {
-            job.workers
-                .iter()
-                .filter(|(id, w)| {
-                    !job.told_over.contains(*id) && now.saturating_sub(w.last_seen) < grace
-                })
-                .count()
-        });
+        let pending = shared.with_now(|job, now| job.workers_not_told(now, grace));
         if pending == 0 {
             return;
         }
@@ -545,7 +560,7 @@ fn finish_report(
             .clone()
             .context("the evaluation task stored no results")?;
         let bytes = (0..job.plan.shards)
-            .filter_map(|i| job.store.get(&distill::task::shard_artifact(i)))
+            .filter_map(|i| job.artifact_ref(&ArtifactName::Shard(i)))
             .map(|a| a.size)
             .sum();
         let transfer = TransferSummary {

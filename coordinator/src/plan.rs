@@ -10,12 +10,12 @@
 
 use std::ops::Range;
 
+use common::artifact::ArtifactName;
 use common::dataset::shard_ranges;
 use distill::hparams::{DistillConfig, TrainConfig};
 use distill::task::{
-    model_artifact, shard_artifact, BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec,
-    EvaluateTask, InferTask, SpecialistTask, TaskSpec, TrainTask, CLUSTERS_ARTIFACT,
-    DATASET_ARTIFACT, TRANSFER_MANIFEST_ARTIFACT,
+    BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask,
+    SpecialistTask, TaskSpec, TrainTask,
 };
 
 use crate::config::{derive_seed, ClusterConfig};
@@ -54,7 +54,7 @@ pub enum Output {
     },
     /// The evaluation of every model (`evaluation.json`).
     Evaluation,
-    /// The specialists' classes ([`distill::task::CLUSTERS_ARTIFACT`]).
+    /// The specialists' classes ([`ArtifactName::Clusters`]).
     Clusters,
     /// A no-op task's result (`noop/<id>`, 8 bytes).
     Noop(String),
@@ -62,19 +62,21 @@ pub enum Output {
 
 impl Output {
     /// The name of the artifact it is stored as.
-    pub fn artifact(&self) -> String {
+    pub fn artifact(&self) -> ArtifactName {
         match self {
-            Output::Model(name) => distill::task::model_artifact(name),
-            Output::Shard { index, .. } => distill::task::shard_artifact(*index),
-            Output::Evaluation => EVALUATION_ARTIFACT.to_string(),
-            Output::Clusters => distill::task::CLUSTERS_ARTIFACT.to_string(),
-            Output::Noop(id) => format!("noop/{id}"),
+            Output::Model(name) => ArtifactName::Model(name.clone()),
+            Output::Shard { index, .. } => ArtifactName::Shard(*index),
+            Output::Evaluation => ArtifactName::Evaluation,
+            Output::Clusters => ArtifactName::Clusters,
+            Output::Noop(id) => ArtifactName::Noop(id.clone()),
         }
     }
 }
 
-/// The artifact holding the evaluation task's results.
-pub const EVALUATION_ARTIFACT: &str = "evaluation";
+/// The artifact of model `name`.
+fn model(name: &str) -> ArtifactName {
+    ArtifactName::Model(name.to_string())
+}
 
 /// One task of the plan.
 #[derive(Clone, Debug)]
@@ -86,7 +88,7 @@ pub struct PlannedTask {
     /// Tasks that must be done first (indices into [`Plan::tasks`]).
     pub deps: Vec<usize>,
     /// Artifacts it reads.
-    pub inputs: Vec<String>,
+    pub inputs: Vec<ArtifactName>,
     /// Where its result goes.
     pub output: Output,
 }
@@ -160,7 +162,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             id: name.clone(),
             spec: train(name, &cfg.teachers.hidden, &cfg.teachers.train, None, true),
             deps: vec![],
-            inputs: vec![DATASET_ARTIFACT.into()],
+            inputs: vec![ArtifactName::Dataset],
             output: Output::Model(name.clone()),
         });
     }
@@ -175,7 +177,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             false,
         ),
         deps: vec![],
-        inputs: vec![DATASET_ARTIFACT.into()],
+        inputs: vec![ArtifactName::Dataset],
         output: Output::Model(BASELINE.into()),
     });
     let baseline_task = tasks.len() - 1;
@@ -193,7 +195,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 seed: derive_seed(cfg.seed, CLUSTER),
             }),
             deps: vec![0],
-            inputs: vec![DATASET_ARTIFACT.into(), model_artifact(generalist)],
+            inputs: vec![ArtifactName::Dataset, model(generalist)],
             output: Output::Clusters,
         });
         let cluster_task = tasks.len() - 1;
@@ -213,9 +215,9 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 }),
                 deps: vec![0, cluster_task],
                 inputs: vec![
-                    DATASET_ARTIFACT.into(),
-                    model_artifact(generalist),
-                    CLUSTERS_ARTIFACT.into(),
+                    ArtifactName::Dataset,
+                    model(generalist),
+                    ArtifactName::Clusters,
                 ],
                 output: Output::Model(name.clone()),
             });
@@ -230,11 +232,11 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         });
     }
     // What a task using the combination reads besides the generalist.
-    let combined_inputs: Vec<String> = if combined.is_some() {
+    let combined_inputs: Vec<ArtifactName> = if combined.is_some() {
         specialists
             .iter()
-            .map(|m| model_artifact(m))
-            .chain(std::iter::once(CLUSTERS_ARTIFACT.to_string()))
+            .map(|m| model(m))
+            .chain(std::iter::once(ArtifactName::Clusters))
             .collect()
     } else {
         vec![]
@@ -243,7 +245,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     transfer_teachers.extend(combined.as_ref().map(|c| c.name.clone()));
     let shards = cfg.transfer_shards.min(train_len.max(1));
     let mut infer_tasks = Vec::new();
-    let teacher_inputs: Vec<String> = teachers.iter().map(|t| model_artifact(t)).collect();
+    let teacher_inputs: Vec<ArtifactName> = teachers.iter().map(|t| model(t)).collect();
     let mut infer_deps = teacher_tasks.clone();
     infer_deps.extend(&specialist_tasks);
     for (index, range) in shard_ranges(train_len, shards)?.into_iter().enumerate() {
@@ -258,18 +260,15 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 combined: combined.clone(),
             }),
             deps: infer_deps.clone(),
-            inputs: std::iter::once(DATASET_ARTIFACT.to_string())
+            inputs: std::iter::once(ArtifactName::Dataset)
                 .chain(teacher_inputs.iter().cloned())
                 .chain(combined_inputs.iter().cloned())
                 .collect(),
             output: Output::Shard { index, range },
         });
     }
-    let mut student_inputs = vec![
-        DATASET_ARTIFACT.to_string(),
-        TRANSFER_MANIFEST_ARTIFACT.into(),
-    ];
-    student_inputs.extend((0..infer_tasks.len()).map(shard_artifact));
+    let mut student_inputs = vec![ArtifactName::Dataset, ArtifactName::TransferManifest];
+    student_inputs.extend((0..infer_tasks.len()).map(ArtifactName::Shard));
     // Each student learns from the teachers, or from the combination.
     let mut students = vec![(STUDENT, teachers.clone())];
     if let Some(c) = &combined {
@@ -331,8 +330,8 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             combined,
         }),
         deps,
-        inputs: std::iter::once(DATASET_ARTIFACT.to_string())
-            .chain(models.iter().map(|m| model_artifact(m)))
+        inputs: std::iter::once(ArtifactName::Dataset)
+            .chain(models.iter().map(|m| model(m)))
             .chain(combined_inputs)
             .collect(),
         output: Output::Evaluation,
@@ -394,9 +393,7 @@ mod tests {
             })
             .collect();
         assert_eq!(ranges, vec![0..34, 34..67, 67..100]);
-        assert!(p.tasks[6]
-            .inputs
-            .contains(&"transfer/shard-00002.safetensors".to_string()));
+        assert!(p.tasks[6].inputs.contains(&ArtifactName::Shard(2)));
         match &p.tasks[7].spec {
             TaskSpec::Evaluate(e) => assert_eq!(e.ensemble.as_ref().unwrap().members, p.teachers),
             other => panic!("{other:?}"),
@@ -453,7 +450,7 @@ mod tests {
         assert_eq!(p.specialists, ["specialist-00", "specialist-01"]);
         assert_eq!(p.transfer_teachers, ["teacher-0", "combined"]);
         assert_eq!(p.tasks[3].deps, vec![0, 2]);
-        assert!(p.tasks[3].inputs.contains(&CLUSTERS_ARTIFACT.to_string()));
+        assert!(p.tasks[3].inputs.contains(&ArtifactName::Clusters));
         // Inference needs the generalist, every specialist and the clusters.
         assert_eq!(p.tasks[5].deps, vec![0, 3, 4, 2]);
         match &p.tasks[5].spec {

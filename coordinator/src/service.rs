@@ -1,29 +1,18 @@
-//! The gRPC service: thin glue that turns requests into [`Job`] calls under
-//! one lock, streams artifacts in chunks, and maps errors to status codes in
-//! one place ([`status`]).
+//! The gRPC service: thin glue that turns requests into [`SharedJob`]
+//! calls, converts between protobuf and the job's types (nowhere else),
+//! streams artifacts in chunks, and maps errors to status codes in one
+//! place ([`status`]).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
+use bytes::Bytes;
+use common::artifact::{ArtifactName, ArtifactRef};
 use common::checksum::sha256_hex;
+use futures_util::StreamExt;
 use proto::pb::{self, coordinator_server::Coordinator};
-use proto::CHUNK_BYTES;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::job::{Job, JobError};
+use crate::job::{self, JobError, SharedJob, UploadKind};
 use crate::limits;
-
-/// The job shared between the service and the coordinator's main loop.
-#[derive(Clone, Debug)]
-pub struct SharedJob {
-    job: Arc<Mutex<Job>>,
-    started: Instant,
-    settings: Settings,
-    job_name: String,
-}
 
 /// What the service tells workers and enforces.
 #[derive(Clone, Copy, Debug)]
@@ -34,44 +23,6 @@ pub struct Settings {
     pub checkpoint_ms: u32,
     /// Largest upload (result or checkpoint), in bytes.
     pub max_artifact_bytes: u64,
-}
-
-impl SharedJob {
-    /// Shares `job`, whose clock started at `started`.
-    pub fn new(job: Job, started: Instant, settings: Settings, job_name: String) -> Self {
-        SharedJob {
-            job: Arc::new(Mutex::new(job)),
-            started,
-            settings,
-            job_name,
-        }
-    }
-
-    /// Time since the job started (the scheduler's clock).
-    pub fn now(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// A snapshot of the job for people and tools, with `report` (the
-    /// report's Markdown, once written).
-    pub fn status(&self, report: Option<String>) -> crate::status::JobStatus {
-        self.with_now(|job, now| crate::status::JobStatus::of(job, &self.job_name, now, report))
-    }
-
-    /// Runs `f` on the job under its lock, with the current time.
-    pub fn with_now<R>(&self, f: impl FnOnce(&mut Job, Duration) -> R) -> R {
-        let now = self.now();
-        self.with(|job| f(job, now))
-    }
-
-    /// Runs `f` on the job under its lock.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Job) -> R) -> R {
-        let mut job = self
-            .job
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut job)
-    }
 }
 
 /// Maps a job error to a gRPC status: the one place that decides codes.
@@ -88,14 +39,61 @@ pub fn status(e: JobError) -> Status {
     }
 }
 
-/// The answer to an upload: where the payload was stored.
-fn stored_ref(stored: crate::store::StoredArtifact) -> pb::UploadResponse {
-    pb::UploadResponse {
-        stored: Some(pb::ArtifactRef {
-            name: stored.path.display().to_string(),
-            sha256: stored.sha256,
-            size: stored.size,
+/// An artifact reference on the wire.
+fn to_wire(a: ArtifactRef) -> pb::ArtifactRef {
+    pb::ArtifactRef {
+        name: a.name.to_string(),
+        sha256: a.sha256,
+        size: a.size,
+    }
+}
+
+fn capabilities(c: pb::Capabilities) -> job::Capabilities {
+    job::Capabilities {
+        device: c.device,
+        threads: c.threads,
+        memory_bytes: c.memory_bytes,
+        hostname: c.hostname,
+    }
+}
+
+fn progress(p: pb::Progress) -> job::Progress {
+    job::Progress {
+        phase: p.phase,
+        epoch: p.epoch,
+        epochs: p.epochs,
+        step: p.step,
+        loss: p.loss,
+        examples_per_second: p.examples_per_second,
+    }
+}
+
+fn upload(h: pb::UploadHeader) -> job::Upload {
+    job::Upload {
+        worker: h.worker_id,
+        task: h.task_id,
+        attempt: h.attempt,
+        seconds: h.seconds,
+        summary_json: h.summary_json,
+    }
+}
+
+fn lease(l: job::Lease) -> pb::LeaseResponse {
+    use pb::lease_response::Outcome;
+    let outcome = match l {
+        job::Lease::Task(a) => Outcome::Task(pb::TaskAssignment {
+            task_id: a.task_id,
+            attempt: a.attempt,
+            spec_json: a.spec_json,
+            inputs: a.inputs.into_iter().map(to_wire).collect(),
         }),
+        job::Lease::Wait { retry_after_ms } => Outcome::Wait(pb::Wait { retry_after_ms }),
+        job::Lease::JobOver { succeeded, message } => {
+            Outcome::JobOver(pb::JobOver { succeeded, message })
+        }
+    };
+    pb::LeaseResponse {
+        outcome: Some(outcome),
     }
 }
 
@@ -103,36 +101,30 @@ fn stored_ref(stored: crate::store::StoredArtifact) -> pb::UploadResponse {
 #[derive(Clone, Debug)]
 pub struct CoordinatorService {
     shared: SharedJob,
+    settings: Settings,
 }
 
 impl CoordinatorService {
     /// A service over `shared`.
-    pub fn new(shared: SharedJob) -> Self {
-        CoordinatorService { shared }
+    pub fn new(shared: SharedJob, settings: Settings) -> Self {
+        CoordinatorService { shared, settings }
     }
 
-    /// Receives an upload and hands it to `accept` (off the async runtime:
-    /// it writes files); `what` names it in errors.
+    /// Receives an upload and hands it to the job.
     async fn store_upload(
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
-        what: &'static str,
-        accept: fn(
-            &mut Job,
-            &pb::UploadHeader,
-            &[u8],
-            Duration,
-        ) -> Result<crate::store::StoredArtifact, JobError>,
+        kind: UploadKind,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        let (header, payload) = self.receive_upload(request).await?;
-        let shared = self.shared.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            shared.with_now(|job, now| accept(job, &header, &payload, now))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("storing the {what} panicked: {e}")))?
-        .map_err(status)?;
-        Ok(Response::new(stored_ref(stored)))
+        let (header, payload) = self.receive_upload(request, kind).await?;
+        let stored = self
+            .shared
+            .accept(kind, &header, payload)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UploadResponse {
+            stored: Some(to_wire(stored)),
+        }))
     }
 
     /// Receives an upload: its header (refused at once when the attempt
@@ -141,7 +133,8 @@ impl CoordinatorService {
     async fn receive_upload(
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
-    ) -> Result<(pb::UploadHeader, Vec<u8>), Status> {
+        kind: UploadKind,
+    ) -> Result<(job::Upload, Bytes), Status> {
         let mut stream = request.into_inner();
         let header = match stream.message().await?.and_then(|c| c.part) {
             Some(pb::upload_chunk::Part::Header(h)) => h,
@@ -151,20 +144,19 @@ impl CoordinatorService {
                 ))
             }
         };
-        limits::upload_header(&header, self.shared.settings.max_artifact_bytes)?;
+        limits::upload_header(&header, self.settings.max_artifact_bytes)?;
+        let (size, sha256) = (header.size, header.sha256.clone());
+        let header = upload(header);
         // Refuse a stale attempt before receiving its payload.
-        self.shared
-            .with_now(|job, now| job.check_upload(&header, now))
-            .map_err(status)?;
+        self.shared.check_upload(&header, kind).map_err(status)?;
         // The announced size is the client's word: grow as bytes arrive.
-        let mut payload = Vec::with_capacity((header.size as usize).min(64 * proto::CHUNK_BYTES));
+        let mut payload = Vec::with_capacity((size as usize).min(64 * proto::CHUNK_BYTES));
         while let Some(chunk) = stream.message().await? {
             match chunk.part {
                 Some(pb::upload_chunk::Part::Data(data)) => {
-                    if payload.len() + data.len() > header.size as usize {
+                    if payload.len() + data.len() > size as usize {
                         return Err(Status::invalid_argument(format!(
-                            "more than the announced {} bytes were sent",
-                            header.size
+                            "more than the announced {size} bytes were sent"
                         )));
                     }
                     payload.extend_from_slice(&data);
@@ -172,21 +164,19 @@ impl CoordinatorService {
                 _ => return Err(Status::invalid_argument("a second header in one upload")),
             }
         }
-        if payload.len() as u64 != header.size {
+        if payload.len() as u64 != size {
             return Err(Status::data_loss(format!(
-                "{} of the announced {} bytes arrived",
+                "{} of the announced {size} bytes arrived",
                 payload.len(),
-                header.size
             )));
         }
         let found = sha256_hex(&payload);
-        if found != header.sha256 {
+        if found != sha256 {
             return Err(Status::data_loss(format!(
-                "checksum mismatch: header says {}, payload has {found}",
-                header.sha256
+                "checksum mismatch: header says {sha256}, payload has {found}"
             )));
         }
-        Ok((header, payload))
+        Ok((header, payload.into()))
     }
 }
 
@@ -208,12 +198,13 @@ impl Coordinator for CoordinatorService {
                 caps.version
             )));
         }
+        let caps = capabilities(caps);
         let worker_id = self.shared.with_now(|job, now| job.register(caps, now));
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
-            heartbeat_interval_ms: self.shared.settings.heartbeat_ms,
-            checkpoint_interval_ms: self.shared.settings.checkpoint_ms,
-            job: self.shared.job_name.clone(),
+            heartbeat_interval_ms: self.settings.heartbeat_ms,
+            checkpoint_interval_ms: self.settings.checkpoint_ms,
+            job: self.shared.name().to_string(),
         }))
     }
 
@@ -224,8 +215,9 @@ impl Coordinator for CoordinatorService {
         let worker = request.into_inner().worker_id;
         limits::id("worker_id", &worker)?;
         self.shared
-            .with_now(|job, now| job.lease(&worker, now))
-            .map(Response::new)
+            .lease(&worker)
+            .await
+            .map(|l| Response::new(lease(l)))
             .map_err(status)
     }
 
@@ -237,7 +229,10 @@ impl Coordinator for CoordinatorService {
         limits::heartbeat(&req)?;
         let continue_task = self
             .shared
-            .with_now(|job, now| job.heartbeat(&req, now))
+            .with_now(|job, now| {
+                let progress = req.progress.clone().map(progress);
+                job.heartbeat(&req.worker_id, &req.task_id, req.attempt, progress, now)
+            })
             .map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse { continue_task }))
     }
@@ -246,16 +241,14 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        self.store_upload(request, "result", Job::accept_result)
-            .await
+        self.store_upload(request, UploadKind::Result).await
     }
 
     async fn upload_checkpoint(
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        self.store_upload(request, "checkpoint", Job::accept_checkpoint)
-            .await
+        self.store_upload(request, UploadKind::Checkpoint).await
     }
 
     async fn report_failure(
@@ -264,9 +257,17 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::FailureResponse>, Status> {
         let mut report = request.into_inner();
         limits::failure(&mut report)?;
+        let failure = job::Failure {
+            worker: report.worker_id,
+            task: report.task_id,
+            attempt: report.attempt,
+            error: report.error,
+            permanent: report.permanent,
+            released: report.released,
+        };
         let will_retry = self
             .shared
-            .with_now(|job, now| job.fail(&report, now))
+            .with_now(|job, now| job.fail(&failure, now))
             .map_err(status)?;
         Ok(Response::new(pb::FailureResponse { will_retry }))
     }
@@ -290,65 +291,41 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         limits::id("worker_id", &req.worker_id)?;
         limits::id("name", &req.name)?;
-        let artifact = self
+        let name: ArtifactName = req
+            .name
+            .parse()
+            .map_err(|e: common::artifact::NotAnArtifact| Status::not_found(e.to_string()))?;
+        let (stored, mut data) = self
             .shared
-            .with_now(|job, now| job.artifact(&req.worker_id, &req.name, now))
+            .download(&req.worker_id, &name)
+            .await
             .map_err(status)?;
-        let mut file = match tokio::fs::File::open(&artifact.path).await {
-            Ok(f) => f,
-            Err(e) => {
-                let problem = format!("unreadable ({e})");
-                let lost = self
-                    .shared
-                    .with(|job| job.artifact_lost(&req.name, &problem));
-                return Err(status(lost));
-            }
-        };
-        let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let name = req.name.clone();
-        let header = pb::ArtifactRef {
-            name: req.name,
-            sha256: artifact.sha256.clone(),
-            size: artifact.size,
-        };
         tokio::spawn(async move {
             let header = pb::ArtifactChunk {
-                part: Some(pb::artifact_chunk::Part::Header(header)),
+                part: Some(pb::artifact_chunk::Part::Header(to_wire(stored))),
             };
             if tx.send(Ok(header)).await.is_err() {
                 return;
             }
-            let mut buf = vec![0u8; CHUNK_BYTES];
-            // Every read is verified: a file that changed on disk since it
-            // was stored ends the stream with DATA_LOSS and is regenerated.
-            let mut hasher = Sha256::new();
-            loop {
-                let msg = match file.read(&mut buf).await {
-                    Ok(0) => {
-                        let found = hex::encode(hasher.finalize());
-                        if found != artifact.sha256 {
-                            let problem =
-                                format!("corrupt (sha256 {found}, {} was stored)", artifact.sha256);
-                            let lost = shared.with(|job| job.artifact_lost(&name, &problem));
-                            let _ = tx.send(Err(status(lost))).await;
-                        }
+            // Chunks of at most CHUNK_BYTES, whatever size the store reads.
+            while let Some(chunk) = data.next().await {
+                let msgs: Vec<Result<pb::ArtifactChunk, Status>> = match chunk {
+                    Ok(bytes) => bytes
+                        .chunks(proto::CHUNK_BYTES)
+                        .map(|c| {
+                            Ok(pb::ArtifactChunk {
+                                part: Some(pb::artifact_chunk::Part::Data(c.to_vec())),
+                            })
+                        })
+                        .collect(),
+                    Err(e) => vec![Err(status(e))],
+                };
+                for msg in msgs {
+                    let failed = msg.is_err();
+                    if tx.send(msg).await.is_err() || failed {
                         return;
                     }
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        Ok(pb::ArtifactChunk {
-                            part: Some(pb::artifact_chunk::Part::Data(buf[..n].to_vec())),
-                        })
-                    }
-                    Err(e) => Err(Status::internal(format!(
-                        "reading {}: {e}",
-                        artifact.path.display()
-                    ))),
-                };
-                let failed = msg.is_err();
-                if tx.send(msg).await.is_err() || failed {
-                    return;
                 }
             }
         });

@@ -6,10 +6,11 @@
 //! - the job's *identity*: the config's result-affecting settings, as dotted
 //!   keys, and the dataset bundle's checksum. A restart with a different
 //!   config is refused with the keys that changed ([`StateDb::check_config`]);
-//! - one *commit* per finished task ([`CommittedTask`]): its artifact's
-//!   name, file, checksum and size, and what the report needs. The artifact
-//!   file is written atomically *before* its commit, so a committed task's
-//!   file exists unless something outside the coordinator removed it;
+//! - one *commit* per finished task ([`CommittedTask`]): its artifact
+//!   (name, checksum and size; the blob store knows where it is) and what
+//!   the report needs. The artifact is stored *before* its commit, so a
+//!   committed task's artifact exists unless something outside the
+//!   coordinator removed it;
 //! - the latest training *checkpoint* of each unfinished task;
 //! - the *attempt floor*: fencing ids are reserved in blocks, so a restarted
 //!   coordinator never hands out an attempt id that a worker of the previous
@@ -20,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::artifact::ArtifactRef;
 use common::transfer::ShardEntry;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -28,7 +30,8 @@ use serde::{Deserialize, Serialize};
 pub const STATE_FILE: &str = "job.redb";
 
 /// Changes when the meaning of the stored records changes.
-const STATE_FORMAT: &str = "distill-job-state/1";
+/// (2: records hold typed artifact references instead of file paths.)
+const STATE_FORMAT: &str = "distill-job-state/2";
 
 /// Keys of the `meta` table.
 const FORMAT_KEY: &str = "format";
@@ -65,14 +68,8 @@ pub enum StateError {
 /// A finished task as the database keeps it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommittedTask {
-    /// The artifact the task made, such as `models/teacher-0`.
-    pub artifact: String,
-    /// Its file, relative to the output folder.
-    pub file: PathBuf,
-    /// sha256 of the file, lowercase hex.
-    pub sha256: String,
-    /// Length in bytes.
-    pub size: u64,
+    /// The artifact the task made.
+    pub artifact: ArtifactRef,
     /// Seconds the compute took.
     pub seconds: f64,
     /// The worker's summary JSON.
@@ -86,12 +83,8 @@ pub struct CommittedTask {
 /// The latest training checkpoint of an unfinished task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCheckpoint {
-    /// Its file, relative to the output folder.
-    pub file: PathBuf,
-    /// sha256 of the file, lowercase hex.
-    pub sha256: String,
-    /// Length in bytes.
-    pub size: u64,
+    /// The checkpoint.
+    pub artifact: ArtifactRef,
     /// Epochs the checkpoint is after.
     pub epochs_done: usize,
 }
@@ -271,8 +264,12 @@ impl StateDb {
         }
     }
 
-    /// Records that ids below `floor` may have been handed out.
+    /// Records that ids below `floor` may have been handed out (a lower
+    /// floor than the stored one changes nothing).
     pub fn raise_attempt_floor(&self, floor: u64) -> Result<(), StateError> {
+        if self.attempt_floor()? >= floor {
+            return Ok(());
+        }
         let value = floor.to_string();
         self.write(|tx| {
             tx.open_table(META)?
@@ -365,13 +362,15 @@ pub fn flatten(value: &serde_json::Value) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::artifact::ArtifactName;
 
     fn commit(sha: &str) -> CommittedTask {
         CommittedTask {
-            artifact: "models/teacher-0".into(),
-            file: "models/teacher-0.safetensors".into(),
-            sha256: sha.into(),
-            size: 7,
+            artifact: ArtifactRef {
+                name: ArtifactName::Model("teacher-0".into()),
+                sha256: sha.into(),
+                size: 7,
+            },
             seconds: 1.5,
             summary: serde_json::json!({"epochs": 2}),
             cached: false,
@@ -401,9 +400,11 @@ mod tests {
             db.forget_task("baseline").unwrap();
             db.raise_attempt_floor(2049).unwrap();
             let checkpoint = StoredCheckpoint {
-                file: "checkpoints/student.safetensors".into(),
-                sha256: "cc".into(),
-                size: 9,
+                artifact: ArtifactRef {
+                    name: ArtifactName::Checkpoint("student".into()),
+                    sha256: "cc".into(),
+                    size: 9,
+                },
                 epochs_done: 4,
             };
             db.save_checkpoint("student", &checkpoint).unwrap();
@@ -416,6 +417,8 @@ mod tests {
         assert_eq!(committed.len(), 1);
         assert_eq!(committed["teacher-0"], commit("aa"));
         assert_eq!(db.attempt_floor().unwrap(), 2049);
+        db.raise_attempt_floor(1025).unwrap();
+        assert_eq!(db.attempt_floor().unwrap(), 2049, "a floor never goes down");
         let checkpoints = db.checkpoints().unwrap();
         assert_eq!(checkpoints.len(), 1);
         assert_eq!(checkpoints["student"].epochs_done, 4);

@@ -25,31 +25,7 @@ use crate::specialists::specialist::{relabel, train_specialist};
 use crate::subset::{kept_indices, ExampleSubset};
 use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
 use crate::{model_io, Error, Result};
-
-/// Artifact name of the dataset bundle.
-pub const DATASET_ARTIFACT: &str = "dataset";
-/// Artifact name of the transfer set's manifest.
-pub const TRANSFER_MANIFEST_ARTIFACT: &str = "transfer/manifest.json";
-/// Artifact name of the specialists' classes ([`Clusters`] as JSON).
-pub const CLUSTERS_ARTIFACT: &str = "specialists/clusters.json";
-
-/// Artifact name of the model called `name`.
-pub fn model_artifact(name: &str) -> String {
-    format!("models/{name}")
-}
-
-/// Artifact name of the latest training checkpoint of task `task`.
-pub fn checkpoint_artifact(task: &str) -> String {
-    format!("{CHECKPOINT_PREFIX}{task}")
-}
-
-/// How checkpoint artifact names start.
-pub const CHECKPOINT_PREFIX: &str = "checkpoints/";
-
-/// Artifact name of transfer-set shard `index` (its file name in the folder).
-pub fn shard_artifact(index: usize) -> String {
-    format!("transfer/{}", common::transfer::shard_file_name(index))
-}
+use common::artifact::ArtifactName;
 
 /// One unit of work.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,7 +89,7 @@ pub struct ClusterTask {
 pub struct SpecialistTask {
     /// The specialist's model name.
     pub model: String,
-    /// Its cluster in [`CLUSTERS_ARTIFACT`].
+    /// Its cluster in [`common::artifact::ArtifactName::Clusters`].
     pub index: usize,
     /// The generalist it starts from.
     pub generalist: String,
@@ -269,7 +245,7 @@ pub struct TaskInputs<'a> {
     pub models: HashMap<String, Vec<u8>>,
     /// A folder holding the transfer set, for distillation.
     pub transfer_dir: Option<PathBuf>,
-    /// The specialists' classes ([`CLUSTERS_ARTIFACT`]).
+    /// The specialists' classes ([`common::artifact::ArtifactName::Clusters`]).
     pub clusters: Option<Clusters>,
 }
 
@@ -443,7 +419,12 @@ fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Ml
         .models
         .get(name)
         .ok_or_else(|| Error::invalid("task inputs", format!("model {name} was not provided")))?;
-    let model = model_io::from_bytes(bytes, Path::new(&model_artifact(name)), device)?.model;
+    let model = model_io::from_bytes(
+        bytes,
+        Path::new(&ArtifactName::Model(name.to_string()).key()),
+        device,
+    )?
+    .model;
     model.spec().ensure_fits(name, &inputs.splits.train)?;
     Ok(model)
 }
@@ -679,7 +660,12 @@ fn load_specialist(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Resu
         .models
         .get(name)
         .ok_or_else(|| Error::invalid("task inputs", format!("model {name} was not provided")))?;
-    let model = model_io::from_bytes(bytes, Path::new(&model_artifact(name)), device)?.model;
+    let model = model_io::from_bytes(
+        bytes,
+        Path::new(&ArtifactName::Model(name.to_string()).key()),
+        device,
+    )?
+    .model;
     if model.spec().input_dim != inputs.splits.train.dim() {
         return Err(Error::invalid(
             "specialist",
@@ -952,15 +938,13 @@ mod tests {
         .unwrap();
         common::transfer::write_manifest(
             dir.path(),
-            &common::transfer::Manifest {
-                format_version: common::transfer::FORMAT_VERSION,
-                dataset_fingerprint: splits.train.fingerprint(),
-                num_examples: n,
-                num_classes: 4,
-                teachers: vec!["teacher-0".into()],
-                dtype: "F32".into(),
-                shards: vec![entry],
-            },
+            &common::transfer::Manifest::new(
+                &splits.train.fingerprint(),
+                n,
+                4,
+                vec!["teacher-0".into()],
+                vec![entry],
+            ),
         )
         .unwrap();
         let distil_inputs = TaskInputs {

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use common::artifact::ArtifactRef;
 use common::checksum::sha256_hex;
 use proto::auth::{AttachToken, Token};
 use proto::pb::{self, coordinator_client::CoordinatorClient};
@@ -121,16 +122,27 @@ pub async fn connect(url: &str, credentials: &Credentials) -> anyhow::Result<Cli
     ))
 }
 
+/// The artifact a task names on the wire.
+pub fn artifact_ref(wire: &pb::ArtifactRef) -> anyhow::Result<ArtifactRef> {
+    Ok(ArtifactRef {
+        name: wire.name.parse().context(
+            "the coordinator named an input this worker does not know (versions differ?)",
+        )?,
+        sha256: wire.sha256.clone(),
+        size: wire.size,
+    })
+}
+
 /// Downloads artifact `name` and checks it against `expected`.
 pub async fn download(
     client: &mut Client,
     worker_id: &str,
-    expected: &pb::ArtifactRef,
+    expected: &ArtifactRef,
 ) -> anyhow::Result<Vec<u8>> {
     let mut stream = client
         .download_artifact(pb::DownloadRequest {
             worker_id: worker_id.into(),
-            name: expected.name.clone(),
+            name: expected.name.to_string(),
         })
         .await
         .with_context(|| format!("downloading {}", expected.name))?

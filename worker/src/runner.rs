@@ -10,14 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::Device;
+use common::artifact::{ArtifactName, ArtifactRef};
 use common::dataset::bundle::decode_splits;
 use common::dataset::Splits;
 use distill::checkpoint::TrainCheckpoint;
 use distill::specialists::ensemble::Clusters;
-use distill::task::{
-    TaskInputs, TaskOutput, TaskSpec, CHECKPOINT_PREFIX, CLUSTERS_ARTIFACT, DATASET_ARTIFACT,
-    TRANSFER_MANIFEST_ARTIFACT,
-};
+use distill::task::{TaskInputs, TaskOutput, TaskSpec};
 use distill::train::{EpochStats, StepProgress, TrainObserver};
 use proto::pb;
 
@@ -392,14 +390,14 @@ async fn heartbeat_loop(
 async fn fetch(
     client: &mut Client,
     state: &WorkerState,
-    artifact: &pb::ArtifactRef,
+    artifact: &ArtifactRef,
 ) -> anyhow::Result<Vec<u8>> {
-    if let Some(bytes) = state.cache.read_verified(artifact) {
+    if let Some(bytes) = state.cache.read_verified(artifact).await {
         return Ok(bytes);
     }
     let bytes = client::download(client, &state.worker_id, artifact).await?;
     metrics::counter!("distill_worker_bytes_downloaded_total").increment(bytes.len() as u64);
-    state.cache.store(artifact, &bytes)?;
+    state.cache.store(artifact, &bytes).await?;
     tracing::info!(artifact = %artifact.name, bytes = bytes.len(), "downloaded");
     Ok(bytes)
 }
@@ -425,27 +423,35 @@ async fn execute(
     let mut dataset = None;
     let mut clusters = None;
     let mut resume = None;
-    for input in &assignment.inputs {
-        if input.name.starts_with(CHECKPOINT_PREFIX) {
-            let bytes = fetch(client, state, input).await?;
-            let checkpoint = TrainCheckpoint::from_bytes(&bytes, &state.device)?;
-            tracing::info!(
-                epochs_done = checkpoint.epochs_done,
-                "resuming from the latest checkpoint"
-            );
-            resume = Some(checkpoint);
-        } else if input.name == DATASET_ARTIFACT {
-            dataset = Some(input);
-        } else if let Some(model) = input.name.strip_prefix("models/") {
-            models.insert(model.to_string(), fetch(client, state, input).await?);
-        } else if input.name == CLUSTERS_ARTIFACT {
-            let bytes = fetch(client, state, input).await?;
-            clusters = Some(Clusters::from_json(&bytes, CLUSTERS_ARTIFACT)?);
-        } else if input.name.starts_with("transfer/") {
-            fetch(client, state, input).await?;
-            transfer_files.push(input.clone());
-        } else {
-            anyhow::bail!("unknown input artifact {:?}", input.name);
+    let inputs = assignment
+        .inputs
+        .iter()
+        .map(client::artifact_ref)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for input in &inputs {
+        match &input.name {
+            ArtifactName::Checkpoint(_) => {
+                let bytes = fetch(client, state, input).await?;
+                let checkpoint = TrainCheckpoint::from_bytes(&bytes, &state.device)?;
+                tracing::info!(
+                    epochs_done = checkpoint.epochs_done,
+                    "resuming from the latest checkpoint"
+                );
+                resume = Some(checkpoint);
+            }
+            ArtifactName::Dataset => dataset = Some(input),
+            ArtifactName::Model(model) => {
+                models.insert(model.clone(), fetch(client, state, input).await?);
+            }
+            ArtifactName::Clusters => {
+                let bytes = fetch(client, state, input).await?;
+                clusters = Some(Clusters::from_json(&bytes, &input.name.to_string())?);
+            }
+            ArtifactName::Shard(_) | ArtifactName::TransferManifest => {
+                fetch(client, state, input).await?;
+                transfer_files.push(input.clone());
+            }
+            other => anyhow::bail!("{other} is not an input of any task"),
         }
     }
     let dataset = dataset.context("the task lists no dataset")?;
@@ -453,7 +459,7 @@ async fn execute(
         Some((sha, splits)) if *sha == dataset.sha256 => splits.clone(),
         _ => {
             let bytes = fetch(client, state, dataset).await?;
-            let path = state.cache.path(&dataset.sha256);
+            let path = state.cache.path(&dataset.sha256)?;
             let splits =
                 Arc::new(tokio::task::spawn_blocking(move || decode_splits(&bytes, &path)).await??);
             state.dataset = Some((dataset.sha256.clone(), splits.clone()));
@@ -501,22 +507,22 @@ async fn execute(
 
 /// Lays the cached transfer-set files out as a folder (hard links, or
 /// copies across file systems) named after the manifest's checksum.
-fn assemble_transfer_set(
-    state: &WorkerState,
-    files: &[pb::ArtifactRef],
-) -> anyhow::Result<PathBuf> {
+fn assemble_transfer_set(state: &WorkerState, files: &[ArtifactRef]) -> anyhow::Result<PathBuf> {
     let manifest = files
         .iter()
-        .find(|f| f.name == TRANSFER_MANIFEST_ARTIFACT)
+        .find(|f| f.name == ArtifactName::TransferManifest)
         .context("the transfer set's manifest is not among the inputs")?;
     let dir = state
         .scratch
         .join(format!("transfer-{}", &manifest.sha256[..16]));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for f in files {
-        let name = f.name.strip_prefix("transfer/").expect("transfer artifact");
+        let name = match f.name {
+            ArtifactName::Shard(index) => common::transfer::shard_file_name(index),
+            _ => common::transfer::MANIFEST_FILE.to_string(),
+        };
         let target = dir.join(name);
-        let source = state.cache.path(&f.sha256);
+        let source = state.cache.path(&f.sha256)?;
         let _ = std::fs::remove_file(&target);
         if std::fs::hard_link(&source, &target).is_err() {
             std::fs::copy(&source, &target).with_context(|| {

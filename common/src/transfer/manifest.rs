@@ -49,6 +49,34 @@ pub struct ShardEntry {
 }
 
 impl Manifest {
+    /// The manifest of a transfer set of f32 logits ([`FORMAT_VERSION`]):
+    /// `teachers`' logits over `num_classes` classes for `num_examples`
+    /// examples of the dataset with `dataset_fingerprint`, in `shards`.
+    pub fn new(
+        dataset_fingerprint: &str,
+        num_examples: usize,
+        num_classes: usize,
+        teachers: Vec<String>,
+        shards: Vec<ShardEntry>,
+    ) -> Self {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            dataset_fingerprint: dataset_fingerprint.to_string(),
+            num_examples,
+            num_classes,
+            teachers,
+            dtype: "F32".into(),
+            shards,
+        }
+    }
+
+    /// The manifest's JSON after [`Manifest::validate`] (`path` names it
+    /// in messages).
+    pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
+        self.validate(path)?;
+        Ok(serde_json::to_vec_pretty(self).expect("a manifest serialises"))
+    }
+
     /// Checks internal consistency: version, dtype, teacher ids, and that the
     /// shards cover `0..num_examples` in order without gaps or overlaps.
     /// `path` names the manifest in messages.

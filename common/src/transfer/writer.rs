@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::manifest::{Manifest, ShardEntry, FORMAT_VERSION, MANIFEST_FILE};
+use super::manifest::{Manifest, ShardEntry, MANIFEST_FILE};
 use super::{logits_tensor_name, validate_teacher_id, INDEX_TENSOR};
 use crate::atomic_file::write_atomic;
 use crate::checksum::sha256_hex;
@@ -32,15 +32,13 @@ impl TransferSetWriter {
         num_classes: usize,
         teachers: Vec<String>,
     ) -> Result<Self> {
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            dataset_fingerprint: dataset_fingerprint.to_string(),
+        let manifest = Manifest::new(
+            dataset_fingerprint,
             num_examples,
             num_classes,
             teachers,
-            dtype: "F32".into(),
-            shards: Vec::new(),
-        };
+            Vec::new(),
+        );
         if num_classes < 2 {
             return Err(Error::invalid(
                 "num_classes",
@@ -154,12 +152,11 @@ pub fn shard_file_name(index: usize) -> String {
     format!("shard-{index:05}.safetensors")
 }
 
-/// Stores a shard encoded elsewhere (by a worker) as shard `index` of the
-/// transfer set in `dir`, after decoding it to check that it holds
-/// `teachers`' logits over `num_classes` classes for exactly the examples in
-/// `range`. Returns its manifest entry. Nothing is written if the check fails.
-pub fn store_encoded_shard(
-    dir: &Path,
+/// Checks that `bytes`, a shard encoded elsewhere (by a worker), can be
+/// shard `index` of a transfer set: that it holds `teachers`' logits over
+/// `num_classes` classes for exactly the examples in `range`. Returns its
+/// manifest entry.
+pub fn check_encoded_shard(
     index: usize,
     range: std::ops::Range<usize>,
     teachers: &[String],
@@ -167,10 +164,13 @@ pub fn store_encoded_shard(
     bytes: &[u8],
 ) -> Result<ShardEntry> {
     let file = shard_file_name(index);
-    let path = dir.join(&file);
-    super::Shard::decode(bytes, &path, range.clone(), teachers, num_classes)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_atomic(&path, bytes)?;
+    super::Shard::decode(
+        bytes,
+        Path::new(&file),
+        range.clone(),
+        teachers,
+        num_classes,
+    )?;
     Ok(ShardEntry {
         file,
         start: range.start,
@@ -180,13 +180,28 @@ pub fn store_encoded_shard(
     })
 }
 
+/// [`check_encoded_shard`], then writes the shard into folder `dir`.
+/// Nothing is written if the check fails.
+pub fn store_encoded_shard(
+    dir: &Path,
+    index: usize,
+    range: std::ops::Range<usize>,
+    teachers: &[String],
+    num_classes: usize,
+    bytes: &[u8],
+) -> Result<ShardEntry> {
+    let entry = check_encoded_shard(index, range, teachers, num_classes, bytes)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_atomic(&dir.join(&entry.file), bytes)?;
+    Ok(entry)
+}
+
 /// Validates `manifest` and writes it into `dir`, which completes a transfer
 /// set whose shards were stored with [`store_encoded_shard`]. Returns the
 /// bytes written.
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
     let path = dir.join(MANIFEST_FILE);
-    manifest.validate(&path)?;
-    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+    let json = manifest.to_bytes(&path)?;
     write_atomic(&path, &json)?;
     Ok(json)
 }

@@ -1,0 +1,222 @@
+//! The running job. [`Job`] is its state: the plan, the scheduler, the
+//! workers, the stored artifacts and what finished tasks produced. Its
+//! methods are synchronous, take the current time, do no I/O and are called
+//! under one lock; [`SharedJob`] (in `shared.rs`) owns that lock and does
+//! every read and write of the blob store and the state database outside
+//! it, in the order that keeps a restart safe: the object, then its record
+//! in the database, then the state change that others can see.
+//!
+//! By concept:
+//! - `workers.rs`: the worker registry;
+//! - `leases.rs`: leases, heartbeats, failures and expiry;
+//! - `accept.rs`: checking uploaded outputs and taking them up;
+//! - `transfer.rs`: the transfer set's shards and manifest;
+//! - `recovery.rs`: restoring committed tasks, and lost artifacts;
+//! - `telemetry.rs`: loss curves and summary lines;
+//! - `shared.rs`, `uploads.rs`, `downloads.rs`: the lock and the I/O around it.
+
+mod accept;
+mod downloads;
+mod leases;
+mod recovery;
+mod shared;
+mod telemetry;
+mod transfer;
+mod uploads;
+mod workers;
+
+#[cfg(test)]
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::artifact::{ArtifactName, ArtifactRef};
+use distill::specialists::ensemble::Clusters;
+use distill::task::ModelEvaluation;
+
+use crate::plan::Plan;
+use crate::scheduler::{Refusal, Scheduler};
+use crate::state::StateError;
+
+pub use accept::{Expected, UploadKind, Validated};
+pub use leases::{Assignment, Failure, Lease};
+pub use recovery::Resumed;
+pub use shared::{SharedJob, Upload};
+pub use telemetry::CURVE_POINTS;
+pub use workers::{Capabilities, Progress, WorkerInfo};
+
+/// Why a worker's request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The worker id is not registered.
+    #[error("unknown worker {0:?}; register first")]
+    UnknownWorker(String),
+    /// The task id is not in the plan.
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    /// The attempt is not current (fencing).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The uploaded result is malformed.
+    #[error("result of {task} refused: {reason}")]
+    BadResult {
+        /// The task.
+        task: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No artifact has this name.
+    #[error("no artifact called {0:?}")]
+    UnknownArtifact(String),
+    /// Reading or writing the blob store failed on the coordinator's side.
+    #[error("storing the result failed: {0}")]
+    Storage(#[from] common::blob::BlobError),
+    /// The job's state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A stored artifact is missing or corrupt; the task that made it runs
+    /// again.
+    #[error("artifact {name} is {problem}; it is being regenerated, ask again later")]
+    Regenerating {
+        /// The artifact.
+        name: ArtifactName,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// How leases work in a job.
+#[derive(Clone, Copy, Debug)]
+pub struct LeasePolicy {
+    /// A lease not renewed for this long expires.
+    pub timeout: Duration,
+    /// Attempts per task before the job fails.
+    pub max_attempts: u32,
+    /// How long an idle worker waits before asking again, in ms.
+    pub poll_ms: u32,
+}
+
+/// What the dataset is, as the job needs it.
+#[derive(Clone, Debug)]
+pub struct DatasetFacts {
+    /// [`common::dataset::Dataset::fingerprint`] of the training split.
+    pub fingerprint: String,
+    /// Examples in the training split.
+    pub train_len: usize,
+    /// Number of classes.
+    pub num_classes: usize,
+}
+
+/// A task's outcome as the report needs it.
+#[derive(Clone, Debug, Default)]
+pub struct TaskRecord {
+    /// The worker's summary JSON.
+    pub summary: serde_json::Value,
+    /// Seconds the compute took.
+    pub seconds: f64,
+    /// Whether the result came from the task cache.
+    pub cached: bool,
+}
+
+/// The job's state.
+#[derive(Debug)]
+pub struct Job {
+    /// The plan.
+    pub plan: Plan,
+    /// Task states and leases.
+    pub scheduler: Scheduler,
+    /// Registered workers by id.
+    pub workers: BTreeMap<String, WorkerInfo>,
+    /// Records of finished tasks by id.
+    pub records: HashMap<String, TaskRecord>,
+    /// The evaluation task's results.
+    pub evaluations: Option<Vec<ModelEvaluation>>,
+    /// The specialists' classes, once clustered.
+    pub clusters: Option<Clusters>,
+    /// Workers that were told the job is over.
+    pub told_over: BTreeSet<String>,
+    /// Training loss over time per task, as `[step, loss]` (see
+    /// [`CURVE_POINTS`]).
+    pub curves: HashMap<String, Vec<[f64; 2]>>,
+    /// When each unfinished task's latest checkpoint was stored.
+    pub checkpoint_times: HashMap<String, Duration>,
+    /// The artifacts stored so far.
+    artifacts: BTreeMap<ArtifactName, ArtifactRef>,
+    transfer: transfer::TransferSet,
+    dataset: DatasetFacts,
+    poll_ms: u32,
+    next_worker: u64,
+}
+
+impl Job {
+    /// A job about to start whose fencing ids start at `first_attempt`
+    /// (the state database's floor); `dataset` is the stored dataset
+    /// bundle. See [`SharedJob::resume`] to take up an earlier run.
+    pub fn new(
+        plan: Plan,
+        dataset: DatasetFacts,
+        bundle: ArtifactRef,
+        leases: LeasePolicy,
+        first_attempt: u64,
+    ) -> Self {
+        let mut scheduler = Scheduler::new(
+            plan.tasks
+                .iter()
+                .map(|t| (t.id.clone(), t.deps.clone()))
+                .collect(),
+            leases.timeout,
+            leases.max_attempts,
+        );
+        scheduler.start_attempts_at(first_attempt);
+        let mut job = Job {
+            transfer: transfer::TransferSet::new(plan.shards),
+            plan,
+            scheduler,
+            workers: BTreeMap::new(),
+            records: HashMap::new(),
+            evaluations: None,
+            clusters: None,
+            told_over: BTreeSet::new(),
+            curves: HashMap::new(),
+            checkpoint_times: HashMap::new(),
+            artifacts: BTreeMap::new(),
+            dataset,
+            poll_ms: leases.poll_ms,
+            next_worker: 1,
+        };
+        job.record_artifact(bundle);
+        job
+    }
+
+    /// The stored artifact called `name`, if any.
+    pub fn artifact_ref(&self, name: &ArtifactName) -> Option<&ArtifactRef> {
+        self.artifacts.get(name)
+    }
+
+    /// Every stored artifact.
+    pub fn artifacts(&self) -> impl Iterator<Item = &ArtifactRef> {
+        self.artifacts.values()
+    }
+
+    fn record_artifact(&mut self, stored: ArtifactRef) {
+        self.artifacts.insert(stored.name.clone(), stored);
+    }
+
+    fn forget_artifact(&mut self, name: &ArtifactName) -> Option<ArtifactRef> {
+        self.artifacts.remove(name)
+    }
+
+    fn task_index(&self, task: &str) -> Result<usize, JobError> {
+        self.scheduler
+            .index_of(task)
+            .ok_or_else(|| JobError::UnknownTask(task.to_string()))
+    }
+
+    /// True if task `id` is done.
+    pub fn is_done(&self, id: &str) -> bool {
+        self.scheduler
+            .index_of(id)
+            .is_some_and(|i| self.scheduler.state(i) == &crate::scheduler::TaskState::Done)
+    }
+}
