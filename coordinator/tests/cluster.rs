@@ -125,6 +125,33 @@ impl Coordinator {
         (code, body)
     }
 
+    /// The job's status from `/api/status` (with the test token).
+    fn api_status(&self) -> serde_json::Value {
+        let (code, body) = self.http_get(&format!("/api/status?token={TOKEN}"));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls `/api/status` until `ready` holds; returns that status.
+    fn wait_for_status(
+        &self,
+        limit: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let status = self.api_status();
+            if ready(&status) {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the job did not reach the state within {limit:?}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A coordinator started with `args` after `--config`.
     fn start_with(config: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(coordinator_bin())
@@ -209,6 +236,16 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// Sends `signal` (such as `-STOP`) to the processes `pids`.
+fn signal(signal: &str, pids: &[String]) {
+    let sent = Command::new("kill")
+        .arg(signal)
+        .args(pids)
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} {pids:?}");
 }
 
 /// The `task=` field of a log line.
@@ -1124,8 +1161,12 @@ fn browse(url: &str, what: &str) -> String {
 fn the_status_page_metrics_and_status_command_show_the_running_job() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // Teachers of a few seconds, so that the job is still running.
+    // Long teachers, and a lease that outlasts the pause below.
     let config = write_config(dir.path(), 5000);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("lease_timeout_secs = 3.0", "lease_timeout_secs = 600.0");
+    std::fs::write(&config, text).unwrap();
     // Off loopback, so that the page needs the token.
     let coordinator = Coordinator::start_with(
         &config,
@@ -1152,16 +1193,15 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         ],
     );
     let mut other = Workers::start(1, &coordinator.url, &dir.path().join("other"));
-    loop {
-        let (_, line) = workers
-            .lines
-            .recv_timeout(Duration::from_secs(120))
-            .expect("a teacher trains");
-        if line.contains("epoch done") {
-            break;
-        }
-    }
-
+    // Both workers run a task (the teachers lease first); then both are
+    // paused, so that nothing moves while the page is read, however fast
+    // or slow this machine is.
+    let running =
+        coordinator.wait_for_status(Duration::from_secs(120), |s| s["counts"]["running"] == 2);
+    let paused = [&workers, &other].map(|w| w.children[0].id().to_string());
+    signal("-STOP", &paused);
+    let frozen = coordinator.api_status();
+    assert_eq!(frozen["counts"]["running"], 2, "{running}");
     let (code, _) = coordinator.http_get("/api/status");
     assert_eq!(code, 401, "no token, no status");
     let (code, before) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
@@ -1172,7 +1212,7 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
     );
     assert_eq!(
         metric(&before, "distill_tasks{state=\"done\"}"),
-        0.0,
+        frozen["counts"]["done"].as_f64().unwrap(),
         "{before}"
     );
     assert!(metric(&before, "distill_workers_alive") >= 1.0, "{before}");
@@ -1273,6 +1313,7 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         "{worker_text}"
     );
 
+    signal("-CONT", &paused);
     coordinator.wait_for_log("task finished", Duration::from_secs(120));
     let (_, after) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
     assert!(

@@ -927,15 +927,10 @@ mod tests {
         });
         let shard = run(&infer, &with_teacher).payload;
         let dir = tempfile::tempdir().unwrap();
-        let entry = common::transfer::store_encoded_shard(
-            dir.path(),
-            0,
-            0..n,
-            &["teacher-0".into()],
-            4,
-            &shard,
-        )
-        .unwrap();
+        let entry =
+            common::transfer::check_encoded_shard(0, 0..n, &["teacher-0".into()], 4, &shard)
+                .unwrap();
+        std::fs::write(dir.path().join(&entry.file), &shard).unwrap();
         common::transfer::write_manifest(
             dir.path(),
             &common::transfer::Manifest::new(

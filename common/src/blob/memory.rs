@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::{check_key, once, BlobError, BlobStore, ByteStream, PutMode, Written};
@@ -34,21 +33,9 @@ impl BlobStore for MemoryStore {
         "memory".into()
     }
 
-    async fn put(
-        &self,
-        key: &str,
-        mut data: ByteStream,
-        mode: PutMode,
-    ) -> Result<Written, BlobError> {
+    async fn put(&self, key: &str, data: ByteStream, mode: PutMode) -> Result<Written, BlobError> {
         check_key(key)?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = data.next().await {
-            bytes.extend_from_slice(&chunk.map_err(|source| BlobError::Io {
-                store: self.describe(),
-                key: key.to_string(),
-                source,
-            })?);
-        }
+        let bytes = super::collect(data, &self.describe(), key).await?;
         let written = Written {
             sha256: hex::encode(Sha256::digest(&bytes)),
             size: bytes.len() as u64,

@@ -142,11 +142,20 @@ pub async fn put_bytes(
 
 /// The whole of object `key`.
 pub async fn get_bytes(store: &dyn BlobStore, key: &str) -> Result<Vec<u8>, BlobError> {
-    let mut data = store.get(key).await?;
+    collect(store.get(key).await?, &store.describe(), key).await
+}
+
+/// Every byte of `data`, the stream of object `key` of `store` (named in
+/// errors).
+pub(crate) async fn collect(
+    mut data: ByteStream,
+    store: &str,
+    key: &str,
+) -> Result<Vec<u8>, BlobError> {
     let mut bytes = Vec::new();
     while let Some(chunk) = data.next().await {
         bytes.extend_from_slice(&chunk.map_err(|source| BlobError::Io {
-            store: store.describe(),
+            store: store.to_string(),
             key: key.to_string(),
             source,
         })?);

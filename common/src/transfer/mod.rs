@@ -27,8 +27,7 @@ pub use manifest::{Manifest, ShardEntry, FORMAT_VERSION, MANIFEST_FILE};
 pub use reader::{Shard, TransferSet};
 pub use targets::{soft_targets, EnsembleCombine};
 pub use writer::{
-    check_encoded_shard, encode_shard, shard_file_name, store_encoded_shard, write_manifest,
-    TransferSetWriter,
+    check_encoded_shard, encode_shard, shard_file_name, write_manifest, TransferSetWriter,
 };
 
 use crate::{Error, Result};

@@ -180,24 +180,8 @@ pub fn check_encoded_shard(
     })
 }
 
-/// [`check_encoded_shard`], then writes the shard into folder `dir`.
-/// Nothing is written if the check fails.
-pub fn store_encoded_shard(
-    dir: &Path,
-    index: usize,
-    range: std::ops::Range<usize>,
-    teachers: &[String],
-    num_classes: usize,
-    bytes: &[u8],
-) -> Result<ShardEntry> {
-    let entry = check_encoded_shard(index, range, teachers, num_classes, bytes)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_atomic(&dir.join(&entry.file), bytes)?;
-    Ok(entry)
-}
-
 /// Validates `manifest` and writes it into `dir`, which completes a transfer
-/// set whose shards were stored with [`store_encoded_shard`]. Returns the
+/// set whose shards were checked with [`check_encoded_shard`] and written there. Returns the
 /// bytes written.
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
     let path = dir.join(MANIFEST_FILE);
