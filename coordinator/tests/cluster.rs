@@ -1268,6 +1268,8 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         "{printed}"
     );
     assert!(printed.contains("workers: 2 alive of 2"), "{printed}");
+    // The workers' own servers answer only while they run.
+    signal("-CONT", &paused);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1313,7 +1315,6 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         "{worker_text}"
     );
 
-    signal("-CONT", &paused);
     coordinator.wait_for_log("task finished", Duration::from_secs(120));
     let (_, after) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
     assert!(
