@@ -1298,6 +1298,16 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         health,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // Its epoch gauge is set at the end of its first epoch.
+    loop {
+        let (_, line) = workers
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a teacher trains");
+        if line.contains("epoch done") {
+            break;
+        }
+    }
     let worker_text = {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&worker_metrics).unwrap();
