@@ -190,6 +190,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             poll_ms,
         },
         state.attempt_floor()?,
+        coordinator_instance(),
     );
     let cache = cfg.cache_dir.as_ref().map(|dir| {
         tracing::info!(dir = %dir.display(), "task cache in use");
@@ -278,7 +279,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         None
     };
 
-    let result = supervise(&shared, &cfg, &mut local).await;
+    // One listener for the whole run: a SIGTERM that arrives between the
+    // job's end and the linger below is kept, not lost.
+    let mut sigterm = terminate_signal()?;
+    let result = supervise(&shared, &cfg, &mut local, &mut sigterm).await;
     let result = match result {
         Ok(()) if cfg.load_test.is_some() => Ok(load_test_outcome(&shared, &out, started)),
         Ok(()) => finish_report(&shared, &cfg, sizes, &out, started),
@@ -296,7 +300,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             url = %status_url,
             "the job is over; serving the status page and the report until --linger runs out"
         );
-        let mut sigterm = terminate_signal()?;
         tokio::select! {
             _ = tokio::time::sleep(opts.linger) => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -367,6 +370,15 @@ async fn serve_status(
     Ok((format!("http://{addr}/"), stop_tx, task))
 }
 
+/// A random number that tells this coordinator process's worker ids from
+/// those of an earlier process of the same job (workers keep their id
+/// across a coordinator restart until they are told to register again).
+fn coordinator_instance() -> u32 {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator works");
+    u32::from_le_bytes(bytes)
+}
+
 /// Removes what an earlier run left in `out` (for `--fresh`): its artifacts
 /// in `store` and its state and report.
 async fn remove_run_outputs(out: &std::path::Path, store: &dyn BlobStore) -> anyhow::Result<()> {
@@ -404,6 +416,7 @@ async fn supervise(
     shared: &SharedJob,
     cfg: &ClusterConfig,
     local: &mut Option<LocalWorkers>,
+    sigterm: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
     let summary_every = Duration::from_secs_f64(cfg.summary_interval_secs);
     let mut last_summary = Instant::now();
@@ -420,7 +433,6 @@ async fn supervise(
         bar
     });
     let mut interval = tokio::time::interval(Duration::from_millis(100));
-    let mut sigterm = terminate_signal()?;
     loop {
         tokio::select! {
             _ = interval.tick() => {}

@@ -83,6 +83,8 @@ struct Harness {
     state_dir: tempfile::TempDir,
     extra: String,
     cache: Option<TaskCache>,
+    /// This coordinator's instance number; a restart counts up.
+    instance: u32,
 }
 
 impl Harness {
@@ -97,6 +99,7 @@ impl Harness {
             tempfile::tempdir().unwrap(),
             extra.to_string(),
             None,
+            1,
         )
     }
 
@@ -105,6 +108,7 @@ impl Harness {
         state_dir: tempfile::TempDir,
         extra: String,
         cache: Option<TaskCache>,
+        instance: u32,
     ) -> Self {
         let text = format!(
             "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
@@ -138,6 +142,7 @@ impl Harness {
                 poll_ms: 100,
             },
             state.attempt_floor().unwrap(),
+            instance,
         );
         let shared =
             SharedJob::with_manual_clock(job, store.clone(), Arc::new(state), cache.clone());
@@ -148,6 +153,7 @@ impl Harness {
             state_dir,
             extra,
             cache,
+            instance,
         }
     }
 
@@ -159,9 +165,10 @@ impl Harness {
             state_dir,
             extra,
             cache,
+            instance,
         } = self;
         drop(shared);
-        let again = Self::start(store.reopened(), state_dir, extra, cache);
+        let again = Self::start(store.reopened(), state_dir, extra, cache, instance + 1);
         let resumed = again.shared.resume().await.unwrap();
         (again, resumed)
     }
@@ -172,10 +179,11 @@ impl Harness {
             store,
             state_dir,
             extra,
+            instance,
             ..
         } = self;
         drop(shared);
-        self = Self::start(store.reopened(), state_dir, extra, Some(cache));
+        self = Self::start(store.reopened(), state_dir, extra, Some(cache), instance);
         self
     }
 
@@ -495,6 +503,28 @@ async fn a_restarted_job_takes_up_committed_tasks_and_never_reuses_an_attempt_id
     let next = again.lease(&w).await;
     assert_eq!(next.task_id, "baseline");
     assert!(next.attempt > used, "{} after {used}", next.attempt);
+}
+
+#[tokio::test]
+async fn after_a_restart_a_worker_of_the_earlier_run_registers_again_under_a_new_id() {
+    let (h, _) = teacher_done().await;
+    let old = h
+        .shared
+        .with(|job| job.workers.keys().next().unwrap().clone());
+    let (again, _) = h.restart().await;
+    assert!(matches!(
+        again.shared.lease(&old).await,
+        Err(JobError::UnknownWorker(_))
+    ));
+    let first_new = again.register();
+    assert_ne!(
+        first_new, old,
+        "a new worker never gets an id of the earlier run"
+    );
+    assert!(matches!(
+        again.shared.lease(&old).await,
+        Err(JobError::UnknownWorker(_))
+    ));
 }
 
 #[tokio::test]

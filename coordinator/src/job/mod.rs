@@ -147,18 +147,24 @@ pub struct Job {
     dataset: DatasetFacts,
     poll_ms: u32,
     next_worker: u64,
+    /// Ends every worker id of this coordinator process, so that a worker
+    /// of an earlier run that kept its id is never taken for a new one.
+    instance: u32,
 }
 
 impl Job {
     /// A job about to start whose fencing ids start at `first_attempt`
     /// (the state database's floor); `dataset` is the stored dataset
-    /// bundle. See [`SharedJob::resume`] to take up an earlier run.
+    /// bundle; `instance` tells this coordinator process's worker ids from
+    /// an earlier one's (a random number). See [`SharedJob::resume`] to
+    /// take up an earlier run.
     pub fn new(
         plan: Plan,
         dataset: DatasetFacts,
         bundle: ArtifactRef,
         leases: LeasePolicy,
         first_attempt: u64,
+        instance: u32,
     ) -> Self {
         let mut scheduler = Scheduler::new(
             plan.tasks
@@ -184,6 +190,7 @@ impl Job {
             dataset,
             poll_ms: leases.poll_ms,
             next_worker: 1,
+            instance,
         };
         job.record_artifact(bundle);
         job

@@ -49,9 +49,12 @@ pub struct WorkerInfo {
 }
 
 impl Job {
-    /// Registers a worker; returns its id.
+    /// Registers a worker; returns its id, `w<n>-<host>-<instance>`.
     pub fn register(&mut self, capabilities: Capabilities, now: Duration) -> String {
-        let id = format!("w{}-{}", self.next_worker, capabilities.hostname);
+        let id = format!(
+            "w{}-{}-{:08x}",
+            self.next_worker, capabilities.hostname, self.instance
+        );
         self.next_worker += 1;
         tracing::info!(worker = %id, device = %capabilities.device, threads = capabilities.threads, "worker registered");
         self.workers.insert(
