@@ -74,7 +74,7 @@ fn upload(h: pb::UploadHeader) -> job::Upload {
         task: h.task_id,
         attempt: h.attempt,
         seconds: h.seconds,
-        summary_json: h.summary_json,
+        summary: serde_json::from_slice(&h.summary_json).unwrap_or(serde_json::Value::Null),
     }
 }
 

@@ -30,11 +30,6 @@ impl LocalStore {
         }
     }
 
-    /// The folder.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The file of object `key`.
     pub fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
         check_key(key)?;

@@ -257,9 +257,4 @@ impl Job {
         self.checkpoint_times.insert(expected.task_id.clone(), now);
         Ok(())
     }
-
-    /// The manifest entry of shard `index`, once stored.
-    pub fn shard_entry(&self, index: usize) -> Option<&ShardEntry> {
-        self.transfer.entry(index)
-    }
 }

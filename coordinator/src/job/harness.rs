@@ -224,7 +224,7 @@ impl Harness {
             task: task.task_id.clone(),
             attempt: task.attempt,
             seconds: 1.0,
-            summary_json: b"{}".to_vec(),
+            summary: serde_json::json!({}),
         };
         self.shared.check_upload(&upload, kind)?;
         self.shared
@@ -734,7 +734,7 @@ async fn a_checkpoint_of_an_attempt_that_expired_while_it_was_stored_is_dropped(
         task: first.task_id.clone(),
         attempt: first.attempt,
         seconds: 1.0,
-        summary_json: Vec::new(),
+        summary: serde_json::Value::Null,
     };
     // The header is accepted; then the lease expires and the task goes to
     // another worker before the payload is in.

@@ -201,11 +201,7 @@ impl Job {
         self.artifacts.get(name)
     }
 
-    /// Every stored artifact.
-    pub fn artifacts(&self) -> impl Iterator<Item = &ArtifactRef> {
-        self.artifacts.values()
-    }
-
+    /// Records a stored artifact (replacing an earlier one of its name).
     fn record_artifact(&mut self, stored: ArtifactRef) {
         self.artifacts.insert(stored.name.clone(), stored);
     }

@@ -2,7 +2,7 @@
 //! artifact turns out missing or corrupt: the task that made it runs again
 //! and the tasks that read it wait.
 
-use common::artifact::{ArtifactName, ArtifactRef};
+use common::artifact::ArtifactName;
 use common::transfer::Manifest;
 use distill::specialists::ensemble::Clusters;
 
@@ -107,16 +107,6 @@ impl Job {
         self.scheduler
             .index_of(id)
             .is_some_and(|t| self.scheduler.state(t) != &TaskState::Done)
-    }
-
-    /// Takes up a verified checkpoint of unfinished task `id`.
-    pub fn restore_checkpoint(&mut self, stored: ArtifactRef) {
-        self.record_artifact(stored);
-    }
-
-    /// Records a stored manifest of the transfer set.
-    pub fn manifest_stored(&mut self, stored: ArtifactRef) {
-        self.record_artifact(stored);
     }
 
     /// Handles stored artifact `name`, found missing or corrupt: the task

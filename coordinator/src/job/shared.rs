@@ -36,8 +36,8 @@ pub struct Upload {
     pub attempt: u64,
     /// Seconds the compute took.
     pub seconds: f64,
-    /// The worker's summary, JSON.
-    pub summary_json: Vec<u8>,
+    /// The worker's summary (`null` when it sent none or no valid JSON).
+    pub summary: serde_json::Value,
 }
 
 struct Inner {
@@ -234,12 +234,14 @@ impl SharedJob {
     /// others are forgotten and run again (logged). Checkpoints of
     /// unfinished tasks are kept the same way.
     pub async fn resume(&self) -> Result<Resumed, JobError> {
-        let committed = self.state(|s| s.committed()).await?;
+        let mut committed = self.state(|s| s.committed()).await?;
+        let planned: Vec<String> =
+            self.with(|job| job.plan.tasks.iter().map(|t| t.id.clone()).collect());
         let mut resumed = Resumed::default();
-        for (id, commit) in committed {
-            if !self.with(|job| job.scheduler.index_of(&id).is_some()) {
+        for id in planned {
+            let Some(commit) = committed.remove(&id) else {
                 continue;
-            }
+            };
             let key = commit.artifact.name.key();
             match blob::get_verified(&**self.store(), &key, &commit.artifact.sha256).await {
                 Ok(bytes) => {
@@ -256,7 +258,7 @@ impl SharedJob {
         }
         if let Some(manifest) = self.with(|job| job.restored()) {
             let stored = self.put_manifest(&manifest).await?;
-            self.with(|job| job.manifest_stored(stored));
+            self.with(|job| job.record_artifact(stored));
         }
         for (id, checkpoint) in self.state(|s| s.checkpoints()).await? {
             let key = checkpoint.artifact.name.key();
@@ -265,7 +267,7 @@ impl SharedJob {
                 blob::get_verified(&**self.store(), &key, &checkpoint.artifact.sha256).await;
             match verified {
                 Ok(_) if unfinished => {
-                    self.with(|job| job.restore_checkpoint(checkpoint.artifact.clone()));
+                    self.with(|job| job.record_artifact(checkpoint.artifact.clone()));
                     resumed.checkpoints.push(id);
                 }
                 verified => {
@@ -277,11 +279,6 @@ impl SharedJob {
                 }
             }
         }
-        // Resumed results are in resumed.restored's order of the database;
-        // people read them in plan order.
-        resumed
-            .restored
-            .sort_by_key(|id| self.with(|job| job.scheduler.index_of(id)));
         Ok(resumed)
     }
 
@@ -365,7 +362,7 @@ impl SharedJob {
         }
         if let Some(manifest) = actions.rewrite_manifest {
             let stored = self.put_manifest(&manifest).await?;
-            self.with(|job| job.manifest_stored(stored));
+            self.with(|job| job.record_artifact(stored));
         }
         Ok(())
     }

@@ -29,11 +29,6 @@ impl TransferSet {
         self.entries[index] = None;
     }
 
-    /// The entry of shard `index`, if stored.
-    pub fn entry(&self, index: usize) -> Option<&ShardEntry> {
-        self.entries[index].as_ref()
-    }
-
     /// The manifest, once every shard is stored (never for a job without
     /// a transfer set).
     pub fn manifest(&self, dataset: &DatasetFacts, teachers: &[String]) -> Option<Manifest> {

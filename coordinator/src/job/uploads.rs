@@ -120,8 +120,7 @@ impl SharedJob {
         stored: ArtifactRef,
         cached: bool,
     ) -> Result<(), JobError> {
-        let summary: serde_json::Value =
-            serde_json::from_slice(&upload.summary_json).unwrap_or(serde_json::Value::Null);
+        let summary = upload.summary.clone();
         let commit = CommittedTask {
             artifact: stored.clone(),
             seconds: upload.seconds,
@@ -161,9 +160,8 @@ impl SharedJob {
             return;
         };
         let key = self.with(|job| job.cache_key(expected.task));
-        let summary = self.with(|job| job.records[&expected.task_id].summary.clone());
         if let Err(e) = cache
-            .put(&key, payload.clone(), &summary, upload.seconds)
+            .put(&key, payload.clone(), &upload.summary, upload.seconds)
             .await
         {
             tracing::warn!(task = %upload.task, error = %e, "could not keep the result in the task cache");
@@ -191,7 +189,7 @@ impl SharedJob {
             task: self.with(|job| job.plan.tasks[task].id.clone()),
             attempt,
             seconds: hit.seconds,
-            summary_json: serde_json::to_vec(&hit.summary).expect("JSON serialises"),
+            summary: hit.summary,
         };
         match self
             .store_upload(UploadKind::Result, &upload, hit.payload, true)
