@@ -282,7 +282,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     // One listener for the whole run: a SIGTERM that arrives between the
     // job's end and the linger below is kept, not lost.
     let mut sigterm = terminate_signal()?;
-    let result = supervise(&shared, &cfg, &mut local, &mut sigterm).await;
+    let mut stop_asked = false;
+    let result = supervise(&shared, &cfg, &mut local, &mut sigterm, &mut stop_asked).await;
     let result = match result {
         Ok(()) if cfg.load_test.is_some() => Ok(load_test_outcome(&shared, &out, started)),
         Ok(()) => finish_report(&shared, &cfg, sizes, &out, started),
@@ -294,7 +295,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Duration::from_millis(3 * cfg.heartbeat_interval_ms + 2000),
     )
     .await;
-    if !opts.linger.is_zero() {
+    // A stop asked for during the job ends the coordinator without lingering.
+    if !opts.linger.is_zero() && !stop_asked {
         tracing::info!(
             seconds = opts.linger.as_secs_f64(),
             url = %status_url,
@@ -411,12 +413,15 @@ async fn remove_run_outputs(out: &std::path::Path, store: &dyn BlobStore) -> any
 }
 
 /// The main loop: expires leases, logs a summary now and then, and returns
-/// when the job is over (an error if it failed or was interrupted).
+/// when the job is over (an error if it failed or was interrupted). A
+/// SIGTERM or Ctrl-C sets `stop_asked`; it interrupts the job unless the job
+/// is over by then.
 async fn supervise(
     shared: &SharedJob,
     cfg: &ClusterConfig,
     local: &mut Option<LocalWorkers>,
     sigterm: &mut tokio::signal::unix::Signal,
+    stop_asked: &mut bool,
 ) -> anyhow::Result<()> {
     let summary_every = Duration::from_secs_f64(cfg.summary_interval_secs);
     let mut last_summary = Instant::now();
@@ -434,11 +439,13 @@ async fn supervise(
     });
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     loop {
+        let mut stopped_by = None;
         tokio::select! {
             _ = interval.tick() => {}
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (Ctrl-C) before the job finished; {RESUME_HINT}"),
-            _ = sigterm.recv() => anyhow::bail!("terminated (SIGTERM) before the job finished; {RESUME_HINT}"),
+            _ = tokio::signal::ctrl_c() => stopped_by = Some("interrupted (Ctrl-C)"),
+            _ = sigterm.recv() => stopped_by = Some("terminated (SIGTERM)"),
         }
+        *stop_asked |= stopped_by.is_some();
         let (over, failure) = shared.with_now(|job, now| {
             job.tick(now);
             if let Some(bar) = &bar {
@@ -460,6 +467,9 @@ async fn supervise(
         }
         if over {
             return Ok(());
+        }
+        if let Some(how) = stopped_by {
+            anyhow::bail!("{how} before the job finished; {RESUME_HINT}");
         }
         if let Some(l) = local.as_mut() {
             if l.running() == 0 {

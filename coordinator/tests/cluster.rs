@@ -201,6 +201,16 @@ impl Coordinator {
         (ok, stdout)
     }
 
+    /// For a coordinator started with `--linger`: waits for the job to end,
+    /// takes the coordinator's final `/api/status`, then ends the linger
+    /// with SIGTERM; returns that status, its success, stdout and log lines.
+    fn finish_lingering(self, limit: Duration) -> (serde_json::Value, bool, String, Vec<String>) {
+        let status = self.wait_for_status(limit, |s| s["state"] != "running");
+        signal("-TERM", &[self.child.id().to_string()]);
+        let (ok, stdout, logs) = self.wait_with_logs(Duration::from_secs(30));
+        (status, ok, stdout, logs)
+    }
+
     /// Waits for the coordinator to exit; returns its success, stdout and
     /// the log lines not yet taken from `logs`.
     fn wait_with_logs(mut self, limit: Duration) -> (bool, String, Vec<String>) {
@@ -268,14 +278,6 @@ fn task_of(line: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("task="))
         .map(|t| t.trim_matches('"').to_string())
-}
-
-/// The tasks the coordinator itself logged `message` for, in order.
-fn coordinator_tasks(logs: &[String], message: &str) -> Vec<String> {
-    logs.iter()
-        .filter(|l| l.contains("coordinator::job") && l.contains(message))
-        .filter_map(|l| task_of(l))
-        .collect()
 }
 
 /// A free loopback address, for a coordinator that must come back on the
@@ -713,13 +715,21 @@ fn a_corrupt_shard_is_regenerated_and_a_changed_config_is_refused() {
         "--local-worker-threads",
         "1",
     ];
+    // Lingering after the job, so that its status tells which tasks ran.
     let run = |extra: &[&str]| {
-        let args: Vec<&str> = local.iter().chain(extra).copied().collect();
-        Coordinator::start_with(&config, &args).wait_with_logs(Duration::from_secs(240))
+        let args: Vec<&str> = local
+            .iter()
+            .chain(&["--linger", "120"])
+            .chain(extra)
+            .copied()
+            .collect();
+        let (status, ok, stdout, logs) =
+            Coordinator::start_with(&config, &args).finish_lingering(Duration::from_secs(240));
+        let ran = tasks_where(&status, |t| t["attempts"] != 0);
+        (ok, stdout, logs, ran)
     };
-    let (ok, stdout, logs) = run(&[]);
+    let (ok, stdout, _, all_tasks) = run(&[]);
     assert!(ok, "{stdout}");
-    let all_tasks = coordinator_tasks(&logs, "task started");
     let out = dir.path().join("out");
     let shard = out.join("transfer/shard-00001.safetensors");
     let good = std::fs::read(&shard).unwrap();
@@ -728,14 +738,14 @@ fn a_corrupt_shard_is_regenerated_and_a_changed_config_is_refused() {
     bad[middle] ^= 0x55;
     std::fs::write(&shard, &bad).unwrap();
 
-    let (ok, stdout, logs) = run(&[]);
+    let (ok, stdout, logs, ran) = run(&[]);
     assert!(ok, "{stdout}");
     assert!(
         logs.iter()
             .any(|l| l.contains("a committed result is lost") && l.contains("infer-00001")),
         "the corruption is logged"
     );
-    assert_eq!(coordinator_tasks(&logs, "task started"), ["infer-00001"]);
+    assert_eq!(ran, ["infer-00001"]);
     assert_eq!(std::fs::read(&shard).unwrap(), good, "made again, the same");
     check_outputs(&out);
 
@@ -756,13 +766,9 @@ fn a_corrupt_shard_is_regenerated_and_a_changed_config_is_refused() {
     );
     assert_eq!(std::fs::read(&shard).unwrap(), good, "nothing was touched");
 
-    let (ok, stdout, logs) = run(&["--fresh"]);
+    let (ok, stdout, _, ran) = run(&["--fresh"]);
     assert!(ok, "{stdout}");
-    assert_eq!(
-        coordinator_tasks(&logs, "task started").len(),
-        all_tasks.len(),
-        "--fresh runs every task"
-    );
+    assert_eq!(ran, all_tasks, "--fresh runs every task");
     check_outputs(&out);
 }
 
@@ -801,10 +807,18 @@ fn sigterm_stops_a_worker_and_the_coordinator_and_the_job_resumes_from_the_check
     let status = worker.children[0].wait().unwrap();
     assert_eq!(status.code(), Some(143), "a stopped worker exits 143");
     assert!(stopped_at.elapsed() < Duration::from_secs(10));
-    first.wait_for_log("checkpoint stored", Duration::from_secs(10));
-    let given_back = first.wait_for_log("given back by a stopping worker", Duration::from_secs(10));
-    let task = task_of(&given_back).unwrap();
-    assert!(task.starts_with("teacher-"), "{given_back}");
+    // The task is back, ready for another worker, with its checkpoint.
+    let back = first.wait_for_status(Duration::from_secs(10), |s| {
+        !tasks_where(s, |t| {
+            t["state"] == "ready" && !t["checkpoint_age_seconds"].is_null()
+        })
+        .is_empty()
+    });
+    let task = tasks_where(&back, |t| {
+        t["state"] == "ready" && !t["checkpoint_age_seconds"].is_null()
+    })
+    .remove(0);
+    assert!(task.starts_with("teacher-"), "{back}");
 
     signal(first.child.id());
     let (ok, _, logs) = first.wait_with_logs(Duration::from_secs(20));
@@ -1405,19 +1419,17 @@ fn a_generalist_and_specialists_job_runs_to_completion() {
         .replace("count = 2", "count = 1")
         + "\n[specialists]\ncount = 4\n[specialists.train]\nepochs = 3\nbatch_size = 32\n";
     std::fs::write(&config, text).unwrap();
-    let coordinator = Coordinator::start(&config);
+    let coordinator =
+        Coordinator::start_with(&config, &["--listen", "127.0.0.1:0", "--linger", "120"]);
     let mut workers = Workers::start(2, &coordinator.url, dir.path());
-    let (ok, stdout) = coordinator.wait(Duration::from_secs(300));
+    let (status, ok, stdout, _) = coordinator.finish_lingering(Duration::from_secs(300));
     assert!(ok, "coordinator failed:\n{stdout}");
     assert!(stdout.contains("## Specialists"), "{stdout}");
     assert_eq!(workers.wait_all(Duration::from_secs(20)), vec![true, true]);
-    let specialists_started: Vec<usize> = workers
-        .lines
-        .try_iter()
-        .filter(|(_, l)| l.contains("task started") && l.contains("specialist-"))
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(specialists_started.len(), 4, "{specialists_started:?}");
+    let specialists_ran = tasks_where(&status, |t| {
+        t["id"].as_str().unwrap().starts_with("specialist-") && t["attempts"] != 0
+    });
+    assert_eq!(specialists_ran.len(), 4, "{status}");
 
     let out = dir.path().join("out");
     let report = read_report(&out);
