@@ -33,6 +33,9 @@ pub enum Error {
         /// The checksum of the bytes on disk.
         found: String,
     },
+    /// A blob store call failed.
+    #[error(transparent)]
+    Blob(#[from] crate::blob::BlobError),
     /// A parameter or argument is outside its valid range.
     #[error("invalid {name}: {reason}")]
     Invalid {

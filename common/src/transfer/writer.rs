@@ -1,32 +1,63 @@
-//! Writing a transfer set shard by shard.
+//! Writing a transfer set shard by shard, into a blob store.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::manifest::{Manifest, ShardEntry, MANIFEST_FILE};
 use super::{logits_tensor_name, validate_teacher_id, INDEX_TENSOR};
 use crate::atomic_file::write_atomic;
+use crate::blob::{self, BlobError, BlobStore, LocalStore, PutMode};
 use crate::checksum::sha256_hex;
 use crate::{Error, Result};
 
 /// Writes the shards of a new transfer set in example order, then its
-/// manifest. Until [`TransferSetWriter::finish`] has run there is no
-/// `manifest.json`, so a half-written transfer set is never mistaken for a
-/// complete one.
+/// manifest (create-only: it is the commit). Until
+/// [`TransferSetWriter::finish`] has run there is no `manifest.json`, so a
+/// half-written transfer set is never mistaken for a complete one.
+///
+/// Its methods block: it runs the store's calls on a runtime of its own, so
+/// it must not be used from inside an async runtime (use the store there).
 #[derive(Debug)]
 pub struct TransferSetWriter {
-    dir: PathBuf,
+    store: Arc<dyn BlobStore>,
+    prefix: String,
+    runtime: tokio::runtime::Runtime,
     manifest: Manifest,
 }
 
 impl TransferSetWriter {
-    /// Starts a transfer set in `dir` (created if missing) for `num_examples`
-    /// examples of the dataset with `dataset_fingerprint`, with logits from
-    /// `teachers` over `num_classes` classes. Refuses a folder that already
-    /// holds a manifest.
+    /// Starts a transfer set in folder `dir` (see
+    /// [`TransferSetWriter::create_in`]).
     pub fn create(
         dir: &Path,
+        dataset_fingerprint: &str,
+        num_examples: usize,
+        num_classes: usize,
+        teachers: Vec<String>,
+    ) -> Result<Self> {
+        let store = Arc::new(LocalStore::new(dir));
+        let writer = Self::create_in(
+            store,
+            "",
+            dataset_fingerprint,
+            num_examples,
+            num_classes,
+            teachers,
+        )?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(writer)
+    }
+
+    /// Starts a transfer set under keys `<prefix><file>` of `store` (such
+    /// as `transfer/`, or `""` for a folder of its own) for `num_examples`
+    /// examples of the dataset with `dataset_fingerprint`, with logits from
+    /// `teachers` over `num_classes` classes. Refuses a place that already
+    /// holds a manifest.
+    pub fn create_in(
+        store: Arc<dyn BlobStore>,
+        prefix: &str,
         dataset_fingerprint: &str,
         num_examples: usize,
         num_classes: usize,
@@ -54,21 +85,46 @@ impl TransferSetWriter {
         for t in &manifest.teachers {
             validate_teacher_id(t)?;
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let manifest_path = dir.join(MANIFEST_FILE);
-        if manifest_path.exists() {
-            return Err(Error::invalid(
-                "transfer-set folder",
-                format!(
-                    "{} already holds a transfer set; remove it or choose another folder",
-                    dir.display()
-                ),
-            ));
-        }
-        Ok(TransferSetWriter {
-            dir: dir.to_path_buf(),
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("the transfer-set writer's runtime", e))?;
+        let writer = TransferSetWriter {
+            store,
+            prefix: prefix.to_string(),
+            runtime,
             manifest,
-        })
+        };
+        let manifest_key = writer.key(MANIFEST_FILE);
+        if writer
+            .runtime
+            .block_on(writer.store.size(&manifest_key))?
+            .is_some()
+        {
+            return Err(writer.already_there());
+        }
+        Ok(writer)
+    }
+
+    fn key(&self, file: &str) -> String {
+        format!("{}{file}", self.prefix)
+    }
+
+    fn already_there(&self) -> Error {
+        Error::invalid(
+            "transfer-set folder",
+            format!(
+                "{} already holds a transfer set at {:?}; remove it or choose another place",
+                self.store.describe(),
+                self.key(MANIFEST_FILE)
+            ),
+        )
+    }
+
+    fn put(&self, file: &str, bytes: Vec<u8>, mode: PutMode) -> Result<blob::Written, BlobError> {
+        let key = self.key(file);
+        self.runtime
+            .block_on(blob::put_bytes(&*self.store, &key, bytes, mode))
     }
 
     /// The index of the first example the next shard must start at.
@@ -118,13 +174,13 @@ impl TransferSetWriter {
         }
         let bytes = encode_shard(start, rows, classes, teachers, logits)?;
         let file = shard_file_name(self.manifest.shards.len());
-        write_atomic(&self.dir.join(&file), &bytes)?;
+        let written = self.put(&file, bytes, PutMode::Overwrite)?;
         self.manifest.shards.push(ShardEntry {
             file,
             start,
             end,
             rows,
-            sha256: sha256_hex(&bytes),
+            sha256: written.sha256,
         });
         Ok(self.manifest.shards.last().expect("just pushed"))
     }
@@ -142,8 +198,14 @@ impl TransferSetWriter {
                 ),
             ));
         }
-        write_manifest(&self.dir, &self.manifest)?;
-        Ok(self.manifest)
+        let json = self
+            .manifest
+            .to_bytes(Path::new(&self.key(MANIFEST_FILE)))?;
+        match self.put(MANIFEST_FILE, json, PutMode::CreateOnly) {
+            Ok(_) => Ok(self.manifest),
+            Err(BlobError::AlreadyExists { .. }) => Err(self.already_there()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -222,4 +284,50 @@ pub fn encode_shard(
         ));
     }
     safetensors::serialize(tensors, None).map_err(|e| Error::invalid("shard", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::MemoryStore;
+
+    fn writer(store: &Arc<MemoryStore>) -> TransferSetWriter {
+        TransferSetWriter::create_in(store.clone(), "transfer/", "fp", 4, 3, vec!["t".into()])
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_shards_then_commits_the_manifest_once_into_any_store() {
+        let store = Arc::new(MemoryStore::default());
+        let logits = [0.5f32; 4 * 3];
+        let (mut first, mut second) = (writer(&store), writer(&store));
+        for w in [&mut first, &mut second] {
+            w.write_shard(&[&logits[..6]]).unwrap();
+            w.write_shard(&[&logits[6..]]).unwrap();
+        }
+        let keys = |store: &MemoryStore| {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(store.list(""))
+                .unwrap()
+        };
+        assert_eq!(
+            keys(&store),
+            [
+                "transfer/shard-00000.safetensors",
+                "transfer/shard-00001.safetensors"
+            ],
+            "no manifest before finish"
+        );
+        let manifest = first.finish().unwrap();
+        assert_eq!(manifest.shards.len(), 2);
+        assert!(keys(&store).contains(&"transfer/manifest.json".to_string()));
+        // Two writers of one place: the manifest is committed once.
+        let e = second.finish().unwrap_err().to_string();
+        assert!(e.contains("already holds"), "{e}");
+        let e = TransferSetWriter::create_in(store, "transfer/", "fp", 4, 3, vec!["t".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already holds"), "{e}");
+    }
 }
