@@ -34,7 +34,9 @@ pub fn status(e: JobError) -> Status {
         JobError::UnknownTask(_) | JobError::UnknownArtifact(_) => Status::not_found(e.to_string()),
         JobError::Refused(_) => Status::failed_precondition(e.to_string()),
         JobError::BadResult { .. } => Status::invalid_argument(e.to_string()),
-        JobError::Storage(_) | JobError::State(_) => Status::internal(e.to_string()),
+        JobError::Storage(_) | JobError::State(_) | JobError::Panicked(_) => {
+            Status::internal(e.to_string())
+        }
         JobError::Regenerating { .. } => Status::data_loss(e.to_string()),
     }
 }

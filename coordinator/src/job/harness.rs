@@ -699,6 +699,45 @@ async fn a_checkpoint_goes_to_the_next_attempt_survives_a_restart_and_goes_at_th
 }
 
 #[tokio::test]
+async fn an_upload_whose_caller_goes_away_is_still_stored_and_recorded() {
+    let h = Harness::new();
+    let w = h.register();
+    let task = h.lease(&w).await;
+    let upload = Upload {
+        worker: w.clone(),
+        task: task.task_id.clone(),
+        attempt: task.attempt,
+        seconds: 1.0,
+        summary: serde_json::Value::Null,
+    };
+    // The RPC is polled once and dropped at its first wait, as when the
+    // worker is killed mid-request.
+    let dropped = futures_util::FutureExt::now_or_never(h.shared.accept(
+        UploadKind::Checkpoint,
+        &upload,
+        checkpoint_bytes().into(),
+    ));
+    assert!(dropped.is_none(), "the caller went away before the end");
+    let checkpoint = ArtifactName::Checkpoint("teacher-0".into());
+    for _ in 0..1000 {
+        if h.shared.with(|job| job.artifact_ref(&checkpoint).is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recorded = h.shared.with(|job| job.artifact_ref(&checkpoint).cloned());
+    let recorded = recorded.expect("the checkpoint was taken up all the same");
+    assert_eq!(recorded.sha256, sha256_hex(&checkpoint_bytes()));
+    assert_eq!(h.object(&checkpoint).await.unwrap(), checkpoint_bytes());
+    let (_, resumed) = h.restart().await;
+    assert_eq!(
+        resumed.checkpoints,
+        ["teacher-0"],
+        "and recorded in the state"
+    );
+}
+
+#[tokio::test]
 async fn a_duplicate_upload_is_refused_and_changes_nothing() {
     let (h, attempt) = teacher_done().await;
     let w = h

@@ -75,6 +75,9 @@ pub enum JobError {
     /// The job's state database failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A step of the coordinator's own panicked.
+    #[error("the coordinator failed: {0}")]
+    Panicked(String),
     /// A stored artifact is missing or corrupt; the task that made it runs
     /// again.
     #[error("artifact {name} is {problem}; it is being regenerated, ask again later")]

@@ -25,13 +25,20 @@ impl SharedJob {
     /// caller) of the current attempt: a result makes its task done and is
     /// kept in the task cache; a checkpoint replaces the task's previous
     /// one.
+    ///
+    /// The work runs in a task of its own: a caller that goes away (a
+    /// worker killed mid-request drops its RPC) cannot stop it between
+    /// storing the object and recording it.
     pub async fn accept(
         &self,
         kind: UploadKind,
         upload: &Upload,
         payload: Bytes,
     ) -> Result<ArtifactRef, JobError> {
-        self.store_upload(kind, upload, payload, false).await
+        let (shared, upload) = (self.clone(), upload.clone());
+        tokio::spawn(async move { shared.store_upload(kind, &upload, payload, false).await })
+            .await
+            .map_err(|e| JobError::Panicked(format!("storing the upload: {e}")))?
     }
 
     async fn store_upload(
