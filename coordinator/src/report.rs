@@ -546,6 +546,7 @@ mod tests {
                     }),
                     seconds: 3.0,
                     cached: false,
+                    made_by: None,
                 },
             ),
             (
@@ -554,6 +555,7 @@ mod tests {
                     summary: serde_json::Value::Null,
                     seconds: 1.5,
                     cached: true,
+                    made_by: None,
                 },
             ),
         ]);

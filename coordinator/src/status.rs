@@ -60,8 +60,12 @@ pub struct TaskStatus {
     pub stage: usize,
     /// Attempts so far.
     pub attempts: u32,
-    /// The worker running it.
+    /// The worker running it, or, once done, the worker whose result was
+    /// accepted (`None` for a task taken up from an earlier run).
     pub worker: Option<String>,
+    /// The fencing id of the attempt running it, or, once done, of the
+    /// attempt whose result was accepted.
+    pub attempt: Option<u64>,
     /// Its progress while running.
     pub progress: Option<Progress>,
     /// Training loss reported over time, as `[step, loss]` (thinned to at
@@ -84,6 +88,8 @@ pub struct WorkerStatus {
     pub threads: u32,
     /// The task it runs.
     pub task: Option<String>,
+    /// Tasks leased to it so far.
+    pub tasks_leased: u32,
     /// Seconds since its last request.
     pub seconds_since_seen: f64,
     /// Heard from within the lease timeout.
@@ -129,15 +135,26 @@ impl JobStatus {
                     .max()
                     .unwrap_or(0);
                 stages.push(stage);
-                let (state, worker) = match s.state(i) {
-                    TaskState::Blocked => ("blocked", None),
-                    TaskState::Ready => ("ready", None),
-                    TaskState::Leased { worker, .. } => ("running", Some(worker.clone())),
-                    TaskState::Done => ("done", None),
-                    TaskState::Failed => ("failed", None),
+                let made_by = job
+                    .records
+                    .get(&planned.id)
+                    .and_then(|r| r.made_by.as_ref());
+                let (state, worker, attempt) = match s.state(i) {
+                    TaskState::Blocked => ("blocked", None, None),
+                    TaskState::Ready => ("ready", None, None),
+                    TaskState::Leased {
+                        worker, attempt, ..
+                    } => ("running", Some(worker.clone()), Some(*attempt)),
+                    TaskState::Done => (
+                        "done",
+                        made_by.map(|m| m.worker.clone()),
+                        made_by.map(|m| m.attempt),
+                    ),
+                    TaskState::Failed => ("failed", None, None),
                 };
-                let progress = worker
-                    .as_ref()
+                let progress = (state == "running")
+                    .then_some(worker.as_ref())
+                    .flatten()
                     .and_then(|w| job.workers.get(w))
                     .and_then(|w| w.progress.as_ref())
                     .map(|p| Progress {
@@ -159,6 +176,7 @@ impl JobStatus {
                     stage,
                     attempts: s.attempts(i),
                     worker,
+                    attempt,
                     progress,
                     loss_curve: job.curves.get(&planned.id).cloned().unwrap_or_default(),
                     seconds: job.records.get(&planned.id).map(|r| r.seconds),
@@ -179,6 +197,7 @@ impl JobStatus {
                     device: w.capabilities.device.clone(),
                     threads: w.capabilities.threads,
                     task: w.task.as_ref().map(|(t, _)| t.clone()),
+                    tasks_leased: w.tasks_leased,
                     seconds_since_seen: since.as_secs_f64(),
                     alive: since < s.lease_timeout(),
                 }

@@ -233,19 +233,6 @@ impl Coordinator {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
-    /// Waits for a log line containing `message`; returns it.
-    fn wait_for_log(&self, message: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.logs.recv_timeout(left) {
-                Ok(line) if line.contains(message) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no {message:?} log line within {limit:?}"),
-            }
-        }
-    }
 }
 
 /// The ids of the tasks of `status` (from `/api/status`) that `keep`
@@ -273,13 +260,6 @@ fn signal(signal: &str, pids: &[String]) {
     assert!(sent.success(), "kill {signal} {pids:?}");
 }
 
-/// The `task=` field of a log line.
-fn task_of(line: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("task="))
-        .map(|t| t.trim_matches('"').to_string())
-}
-
 /// A free loopback address, for a coordinator that must come back on the
 /// address its workers know.
 fn free_loopback_address() -> String {
@@ -287,10 +267,51 @@ fn free_loopback_address() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
+/// Starts worker number `i` (scratch folder `scratch/w<i>`), sending its
+/// log lines to `lines` as `(i, line)`.
+fn spawn_worker(
+    i: usize,
+    url: &str,
+    scratch: &Path,
+    extra: &[&std::ffi::OsStr],
+    lines: std::sync::mpsc::Sender<(usize, String)>,
+) -> Child {
+    let mut child = Command::new(worker_bin())
+        .args([
+            "--coordinator",
+            url,
+            "--cpu",
+            "--threads",
+            "1",
+            "--give-up-after",
+            "20",
+        ])
+        .arg("--scratch")
+        .arg(scratch.join(format!("w{i}")))
+        .args(extra)
+        .env(TOKEN_ENV, TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("[worker {i}] {line}");
+            let _ = lines.send((i, line));
+        }
+    });
+    child
+}
+
 /// Worker processes whose log lines arrive on one channel as `(index, line)`.
 struct Workers {
     children: Vec<Child>,
     lines: Receiver<(usize, String)>,
+    /// For the log lines of workers added later.
+    sender: Option<std::sync::mpsc::Sender<(usize, String)>>,
+    /// The coordinator's id of each child, when started by
+    /// [`Workers::add_registered`].
+    ids: Vec<String>,
 }
 
 impl Workers {
@@ -302,36 +323,61 @@ impl Workers {
     fn start_with(count: usize, url: &str, scratch: &Path, extra: &[&std::ffi::OsStr]) -> Self {
         let (tx, lines) = channel();
         let children = (0..count)
-            .map(|i| {
-                let mut child = Command::new(worker_bin())
-                    .args([
-                        "--coordinator",
-                        url,
-                        "--cpu",
-                        "--threads",
-                        "1",
-                        "--give-up-after",
-                        "20",
-                    ])
-                    .arg("--scratch")
-                    .arg(scratch.join(format!("w{i}")))
-                    .args(extra)
-                    .env(TOKEN_ENV, TOKEN)
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                let stderr = BufReader::new(child.stderr.take().unwrap());
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for line in stderr.lines().map_while(Result::ok) {
-                        eprintln!("[worker {i}] {line}");
-                        let _ = tx.send((i, line));
-                    }
-                });
-                child
-            })
+            .map(|i| spawn_worker(i, url, scratch, extra, tx.clone()))
             .collect();
-        Workers { children, lines }
+        Workers {
+            children,
+            lines,
+            sender: Some(tx),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Workers started one at a time, each once the one before is
+    /// registered, so that `ids[i]` is the coordinator's id of child `i`.
+    fn start_registered(count: usize, coordinator: &Coordinator, scratch: &Path) -> Self {
+        let mut workers = Workers::start(0, &coordinator.url, scratch);
+        for _ in 0..count {
+            workers.add_registered(coordinator, scratch);
+        }
+        workers
+    }
+
+    /// Starts one more worker and waits for the coordinator to list it;
+    /// returns its index.
+    fn add_registered(&mut self, coordinator: &Coordinator, scratch: &Path) -> usize {
+        let i = self.children.len();
+        let lines = self.sender.clone().expect("workers still running");
+        self.children
+            .push(spawn_worker(i, &coordinator.url, scratch, &[], lines));
+        let status = coordinator.wait_for_status(Duration::from_secs(60), |s| {
+            s["workers"].as_array().unwrap().len() == i + 1
+        });
+        let id = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["id"].as_str().unwrap().to_string())
+            .find(|id| !self.ids.contains(id))
+            .unwrap();
+        self.ids.push(id);
+        i
+    }
+
+    /// Child `i`'s process id, for `kill`.
+    fn pid(&self, i: usize) -> String {
+        self.children[i].id().to_string()
+    }
+
+    /// Every log line of the workers, once all of them have exited.
+    fn all_lines(&mut self) -> Vec<(usize, String)> {
+        for c in &mut self.children {
+            c.wait().unwrap();
+        }
+        // Each reader thread ends at its pipe's end, and with the last one
+        // the channel.
+        self.sender = None;
+        self.lines.iter().collect()
     }
 
     fn wait_all(&mut self, limit: Duration) -> Vec<bool> {
@@ -436,26 +482,42 @@ fn coordinator_and_two_workers_run_a_job_to_completion() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), 10);
-    let coordinator = Coordinator::start(&config);
-    let mut workers = Workers::start(2, &coordinator.url, dir.path());
-    let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
-    assert!(ok, "coordinator failed:\n{stdout}");
-    assert!(stdout.contains("report: "), "{stdout}");
+    let coordinator =
+        Coordinator::start_with(&config, &["--listen", "127.0.0.1:0", "--linger", "120"]);
+    // The first worker is held (SIGSTOP) from its first lease until the
+    // second has one too, so that both run tasks however fast each starts.
+    // Its lease may expire meanwhile: the task then moves on.
+    let mut workers = Workers::start(0, &coordinator.url, dir.path());
+    for i in 0..2 {
+        workers.add_registered(&coordinator, dir.path());
+        let id = workers.ids[i].clone();
+        coordinator.wait_for_status(Duration::from_secs(60), |s| tasks_leased(s, &id) >= 1);
+        if i == 0 {
+            signal("-STOP", &[workers.pid(0)]);
+        }
+    }
+    signal("-CONT", &[workers.pid(0)]);
     assert_eq!(
-        workers.wait_all(Duration::from_secs(20)),
+        workers.wait_all(Duration::from_secs(240)),
         vec![true, true],
         "workers exit 0 when told the job is over"
     );
-    let started: Vec<usize> = workers
-        .lines
-        .try_iter()
-        .filter(|(_, l)| l.contains("task started"))
-        .map(|(i, _)| i)
-        .collect();
+    let (status, ok, stdout, _) = coordinator.finish_lingering(Duration::from_secs(30));
     assert!(
-        started.contains(&0) && started.contains(&1),
-        "both workers ran tasks"
+        ok && status["state"] == "succeeded",
+        "coordinator failed:\n{stdout}"
     );
+    assert!(stdout.contains("report: "), "{stdout}");
+    for id in &workers.ids {
+        assert!(tasks_leased(&status, id) >= 1, "{id} ran tasks: {status}");
+    }
+    let made_by: std::collections::BTreeSet<&str> = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["worker"].as_str().expect("a done task names its worker"))
+        .collect();
+    eprintln!("results made by {made_by:?}");
     check_outputs(&dir.path().join("out"));
 }
 
@@ -476,16 +538,71 @@ fn result_files(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// What to do to a worker, and when.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    /// SIGKILL it once it has uploaded a checkpoint of a teacher.
+    /// SIGKILL it once the coordinator holds a checkpoint of its teacher.
     KillMidTeacher,
-    /// SIGKILL it as it starts a transfer-set inference task.
+    /// SIGKILL the worker of the first transfer-set inference task seen
+    /// running (or, if it was quicker than the poll, done).
     KillMidInference,
-    /// SIGSTOP it mid-teacher past its lease, then SIGCONT it.
+    /// SIGSTOP it mid-teacher until its lease has expired and the
+    /// coordinator moved the task on, then SIGCONT it.
     StallPastLease,
+}
+
+impl Fault {
+    /// The task to strike, its worker and its attempt's fencing id, once
+    /// `status` shows the moment for this fault.
+    fn target(self, status: &serde_json::Value) -> Option<(String, String, u64)> {
+        status["tasks"].as_array().unwrap().iter().find_map(|t| {
+            let id = t["id"].as_str().unwrap();
+            let running = t["state"] == "running";
+            let strike = match self {
+                Fault::KillMidTeacher => {
+                    id.starts_with("teacher-") && running && !t["checkpoint_age_seconds"].is_null()
+                }
+                Fault::KillMidInference => {
+                    id.starts_with("infer-") && (running || t["state"] == "done")
+                }
+                Fault::StallPastLease => {
+                    id.starts_with("teacher-")
+                        && running
+                        && t["progress"]["epoch"].as_u64().is_some_and(|e| e >= 1)
+                }
+            };
+            strike.then(|| {
+                (
+                    id.to_string(),
+                    t["worker"].as_str().unwrap().to_string(),
+                    t["attempt"].as_u64().unwrap(),
+                )
+            })
+        })
+    }
+}
+
+/// How many tasks worker `id` of `status` (from `/api/status`) leased.
+fn tasks_leased(status: &serde_json::Value, id: &str) -> u64 {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == id)
+        .map_or(0, |w| w["tasks_leased"].as_u64().unwrap())
+}
+
+/// Task `id` of `status` (from `/api/status`).
+fn task_in<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no task {id} in {status}"))
 }
 
 /// Runs the fault-test job in a fresh folder with two separate workers,
 /// doing `fault` to one of them; returns the output folder (kept in `dir`).
+/// The moment to strike and the outcome come from the coordinator's
+/// `/api/status` (it lingers after the job to answer).
 fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
     let config = write_config(dir, 300);
     // A checkpoint after every epoch: a re-run resumes where the kill hit.
@@ -498,83 +615,54 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
         ),
     )
     .unwrap();
-    let coordinator = Coordinator::start(&config);
-    let mut workers = Workers::start(2, &coordinator.url, dir);
-    let signal = |pid: u32, sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
-    if let Some(fault) = fault {
-        let mut current: [Option<(String, String)>; 2] = [None, None];
-        let (victim, task, attempt) = loop {
-            let (i, line) = workers
-                .lines
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("{fault:?} found no moment to strike"));
-            if line.contains("task started") {
-                let task = task_of(&line).unwrap();
-                let attempt = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("attempt="))
-                    .unwrap()
-                    .to_string();
-                if matches!(fault, Fault::KillMidInference) && task.starts_with("infer-") {
-                    break (i, task, attempt);
-                }
-                current[i] = Some((task, attempt));
-            }
-            let moment = match fault {
-                // Once a checkpoint is stored, so that the next attempt has
-                // one to resume from.
-                Fault::KillMidTeacher => "checkpoint uploaded",
-                Fault::StallPastLease => "epoch done",
-                Fault::KillMidInference => "never",
-            };
-            if line.contains(moment) {
-                if let Some((task, attempt)) = current[i].clone() {
-                    if task.starts_with("teacher-") {
-                        break (i, task, attempt);
-                    }
-                }
-            }
-        };
-        let pid = workers.children[victim].id();
+    let coordinator =
+        Coordinator::start_with(&config, &["--listen", "127.0.0.1:0", "--linger", "300"]);
+    let mut workers = Workers::start_registered(2, &coordinator, dir);
+    let struck = fault.map(|fault| {
+        let moment =
+            coordinator.wait_for_status(Duration::from_secs(180), |s| fault.target(s).is_some());
+        let (task, worker, attempt) = fault.target(&moment).unwrap();
+        let victim = workers.ids.iter().position(|id| *id == worker).unwrap();
         match fault {
             Fault::KillMidTeacher | Fault::KillMidInference => {
-                signal(pid, "-KILL");
+                signal("-KILL", &[workers.pid(victim)]);
                 workers.children[victim].wait().unwrap();
             }
             Fault::StallPastLease => {
-                signal(pid, "-STOP");
-                coordinator.wait_for_log("lease expired", Duration::from_secs(30));
-                signal(pid, "-CONT");
+                signal("-STOP", &[workers.pid(victim)]);
+                coordinator.wait_for_status(Duration::from_secs(60), |s| {
+                    task_in(s, &task)["attempt"].as_u64() != Some(attempt)
+                });
+                signal("-CONT", &[workers.pid(victim)]);
             }
         }
-        let (ok, stdout, logs) = coordinator.wait_with_logs(Duration::from_secs(240));
-        assert!(ok, "coordinator failed after {fault:?}:\n{stdout}");
-        let accepted = logs.iter().any(|l| {
-            l.contains("coordinator::job")
-                && l.contains("task finished")
-                && task_of(l).as_deref() == Some(task.as_str())
-                && l.contains(&format!("attempt={attempt} "))
+        (fault, task, victim, attempt)
+    });
+    coordinator.wait_for_status(Duration::from_secs(240), |s| s["state"] != "running");
+    let lines = workers.all_lines();
+    let (status, ok, stdout, _) = coordinator.finish_lingering(Duration::from_secs(30));
+    assert!(
+        ok && status["state"] == "succeeded",
+        "coordinator failed after {fault:?}:\n{stdout}"
+    );
+    for (i, child) in workers.children.iter_mut().enumerate() {
+        let exit = child.wait().unwrap();
+        let killed = struck.as_ref().is_some_and(|(f, _, victim, _)| {
+            *victim == i && matches!(f, Fault::KillMidTeacher | Fault::KillMidInference)
         });
+        assert!(exit.success() || killed, "worker {i} failed: {exit}");
+    }
+    if let Some((fault, task, victim, attempt)) = struck {
+        let accepted = task_in(&status, &task)["attempt"].as_u64() == Some(attempt);
         match fault {
             // A teacher takes hundreds of epochs: the kill lands mid-task,
             // and the next attempt resumes from the victim's checkpoint.
             Fault::KillMidTeacher => {
-                assert!(!accepted, "{task} attempt {attempt} finished");
-                let stored = logs.iter().any(|l| {
-                    l.contains("checkpoint stored") && task_of(l).as_deref() == Some(&task)
+                assert!(!accepted, "{task} attempt {attempt} finished: {status}");
+                let resumed = lines.iter().any(|(i, l)| {
+                    *i != victim && l.contains("resuming training from a checkpoint")
                 });
-                let resumed = workers
-                    .lines
-                    .try_iter()
-                    .any(|(i, l)| i != victim && l.contains("resuming training from a checkpoint"));
-                assert!(stored && resumed, "{task} resumed from a checkpoint");
+                assert!(resumed, "{task} resumed from a checkpoint");
             }
             // Inference takes milliseconds: the kill may land after the
             // upload; either way the outputs must not change.
@@ -589,10 +677,11 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
             Fault::StallPastLease => {
                 assert!(
                     !accepted,
-                    "the late result of {task} attempt {attempt} was accepted"
+                    "the late result of {task} attempt {attempt} was accepted: {status}"
                 );
-                let victim_saw = workers.lines.try_iter().any(|(i, l)| {
-                    i == victim && (l.contains("revoked the lease") || l.contains("result refused"))
+                let victim_saw = lines.iter().any(|(i, l)| {
+                    *i == victim
+                        && (l.contains("revoked the lease") || l.contains("result refused"))
                 });
                 assert!(
                     victim_saw,
@@ -600,17 +689,6 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
                 );
             }
         }
-    } else {
-        let (ok, stdout) = coordinator.wait(Duration::from_secs(240));
-        assert!(ok, "coordinator failed:\n{stdout}");
-    }
-    for (i, child) in workers.children.iter_mut().enumerate() {
-        let status = child.wait().unwrap();
-        assert!(
-            status.success()
-                || matches!(fault, Some(Fault::KillMidTeacher | Fault::KillMidInference)),
-            "worker {i} failed: {status}"
-        );
     }
     let out = dir.join("out");
     check_outputs(&out);
@@ -1346,7 +1424,9 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
         "{worker_text}"
     );
 
-    coordinator.wait_for_log("task finished", Duration::from_secs(120));
+    coordinator.wait_for_status(Duration::from_secs(120), |s| {
+        s["counts"]["done"].as_u64() >= Some(1)
+    });
     let (_, after) = coordinator.http_get(&format!("/metrics?token={TOKEN}"));
     assert!(
         metric(&after, "distill_tasks{state=\"done\"}") >= 1.0,
@@ -1358,10 +1438,7 @@ fn the_status_page_metrics_and_status_command_show_the_running_job() {
     );
 
     // After the job, --linger keeps the page and the report up.
-    coordinator.wait_for_log(
-        "serving the status page and the report",
-        Duration::from_secs(240),
-    );
+    coordinator.wait_for_status(Duration::from_secs(240), |s| s["report"].is_string());
     let (code, report) = coordinator.http_get(&format!("/report.md?token={TOKEN}"));
     assert_eq!(code, 200);
     assert!(report.contains("student"), "{report}");

@@ -423,6 +423,23 @@ async fn a_result_from_an_expired_attempt_is_refused() {
     );
     assert!(h.heartbeat(&w2, &fresh).await);
     h.upload(&w2, &fresh, &model_bytes(1)).await.unwrap();
+    let status = h.shared.status(None);
+    let task = status.tasks.iter().find(|t| t.id == fresh.task_id).unwrap();
+    assert_eq!(task.state, "done");
+    assert_eq!(
+        (task.worker.as_deref(), task.attempt),
+        (Some(w2.as_str()), Some(fresh.attempt)),
+        "the status names the attempt whose result was accepted"
+    );
+    let leased = |w: &str| {
+        status
+            .workers
+            .iter()
+            .find(|s| s.id == w)
+            .unwrap()
+            .tasks_leased
+    };
+    assert_eq!((leased(&w1), leased(&w2)), (1, 1));
 }
 
 #[tokio::test]

@@ -132,6 +132,7 @@ impl Job {
         if let Some(w) = self.workers.get_mut(worker) {
             w.task = Some((planned.id.clone(), attempt));
             w.progress = None;
+            w.tasks_leased += 1;
         }
         Some(assignment)
     }

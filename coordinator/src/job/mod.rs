@@ -120,6 +120,18 @@ pub struct TaskRecord {
     pub seconds: f64,
     /// Whether the result came from the task cache.
     pub cached: bool,
+    /// The worker and attempt whose result was accepted in this run (`None`
+    /// for a task taken up from an earlier run's state).
+    pub made_by: Option<MadeBy>,
+}
+
+/// The worker attempt that made a task's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MadeBy {
+    /// The worker's id.
+    pub worker: String,
+    /// The attempt's fencing id.
+    pub attempt: u64,
 }
 
 /// The job's state.

@@ -86,6 +86,7 @@ impl Job {
                 summary: commit.summary.clone(),
                 seconds: commit.seconds,
                 cached: commit.cached,
+                made_by: None,
             },
         );
         self.scheduler.restore_done(task);

@@ -8,7 +8,7 @@ use common::blob::{self, PutMode};
 
 use super::accept::{Expected, UploadKind, Validated};
 use super::shared::{SharedJob, Upload};
-use super::{JobError, TaskRecord};
+use super::{JobError, MadeBy, TaskRecord};
 use crate::state::{CommittedTask, StoredCheckpoint};
 
 impl SharedJob {
@@ -144,6 +144,10 @@ impl SharedJob {
             summary,
             seconds: upload.seconds,
             cached,
+            made_by: Some(MadeBy {
+                worker: upload.worker.clone(),
+                attempt: expected.attempt,
+            }),
         };
         let manifest = self.with(|job| job.take_result(expected, validated, stored, record))?;
         // The manifest goes first: completing the last shard makes the

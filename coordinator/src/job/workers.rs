@@ -46,6 +46,8 @@ pub struct WorkerInfo {
     pub task: Option<(String, u64)>,
     /// Its last reported progress.
     pub progress: Option<Progress>,
+    /// Tasks leased to it so far.
+    pub tasks_leased: u32,
 }
 
 impl Job {
@@ -64,6 +66,7 @@ impl Job {
                 last_seen: now,
                 task: None,
                 progress: None,
+                tasks_leased: 0,
             },
         );
         id
