@@ -7,14 +7,18 @@
 //! task groups its confused classes, one task per specialist trains it,
 //! inference also stores the generalist+specialists distribution (as the
 //! transfer set's `combined` teacher), and a second student learns from it.
+//!
+//! Each task's inputs and output come from its spec; its dependencies are
+//! the tasks that make its inputs. The plan also says what each model is
+//! (its [`Role`]), for the report.
 
-use std::ops::Range;
+use std::collections::{BTreeMap, HashMap};
 
 use common::artifact::ArtifactName;
 use common::dataset::shard_ranges;
 use distill::hparams::{DistillConfig, TrainConfig};
 use distill::task::{
-    BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask,
+    BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask, NoopTask,
     SpecialistTask, TaskSpec, TrainTask,
 };
 
@@ -40,44 +44,6 @@ pub fn specialist_name(m: usize) -> String {
     format!("specialist-{m:02}")
 }
 
-/// Where a task's result goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Output {
-    /// A model file, `models/<name>.safetensors`.
-    Model(String),
-    /// Transfer-set shard `index`, covering `range` of the training split.
-    Shard {
-        /// Shard number.
-        index: usize,
-        /// Training examples it covers.
-        range: Range<usize>,
-    },
-    /// The evaluation of every model (`evaluation.json`).
-    Evaluation,
-    /// The specialists' classes ([`ArtifactName::Clusters`]).
-    Clusters,
-    /// A no-op task's result (`noop/<id>`, 8 bytes).
-    Noop(String),
-}
-
-impl Output {
-    /// The name of the artifact it is stored as.
-    pub fn artifact(&self) -> ArtifactName {
-        match self {
-            Output::Model(name) => ArtifactName::Model(name.clone()),
-            Output::Shard { index, .. } => ArtifactName::Shard(*index),
-            Output::Evaluation => ArtifactName::Evaluation,
-            Output::Clusters => ArtifactName::Clusters,
-            Output::Noop(id) => ArtifactName::Noop(id.clone()),
-        }
-    }
-}
-
-/// The artifact of model `name`.
-fn model(name: &str) -> ArtifactName {
-    ArtifactName::Model(name.to_string())
-}
-
 /// One task of the plan.
 #[derive(Clone, Debug)]
 pub struct PlannedTask {
@@ -85,12 +51,53 @@ pub struct PlannedTask {
     pub id: String,
     /// What the worker runs.
     pub spec: TaskSpec,
-    /// Tasks that must be done first (indices into [`Plan::tasks`]).
+    /// Tasks that must be done first (indices into [`Plan::tasks`]): those
+    /// whose outputs it reads.
     pub deps: Vec<usize>,
-    /// Artifacts it reads.
+    /// Artifacts it reads (from its spec).
     pub inputs: Vec<ArtifactName>,
-    /// Where its result goes.
-    pub output: Output,
+    /// The artifact it makes (from its spec).
+    pub output: ArtifactName,
+}
+
+/// What a model is in the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A teacher trained on hard labels (with specialists, the generalist).
+    Teacher,
+    /// The teachers' ensemble.
+    Ensemble,
+    /// A model distilled from the transfer set.
+    Student,
+    /// The student's architecture trained on hard labels.
+    Baseline,
+    /// A specialist (its errors are on its own classes + dustbin).
+    Specialist,
+    /// The generalist and its specialists combined by eq. 5.
+    Combined,
+}
+
+impl Role {
+    /// Its name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Teacher => "teacher",
+            Role::Ensemble => "ensemble",
+            Role::Student => "student",
+            Role::Baseline => "baseline",
+            Role::Specialist => "specialist",
+            Role::Combined => "combined",
+        }
+    }
+}
+
+/// A model of the plan, as the report describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedModel {
+    /// What it is.
+    pub role: Role,
+    /// The models it learned from (empty for hard-label models).
+    pub learned_from: Vec<String>,
 }
 
 /// The whole job.
@@ -107,27 +114,53 @@ pub struct Plan {
     pub transfer_teachers: Vec<String>,
     /// Number of transfer-set shards.
     pub shards: usize,
+    /// Every model the evaluation reports, by name.
+    pub models: BTreeMap<String, PlannedModel>,
+}
+
+impl Plan {
+    /// A plan of `tasks` (dependencies first), each with its inputs and
+    /// output from its spec and its dependencies from those.
+    fn link(tasks: Vec<(String, TaskSpec)>, shards: usize) -> Vec<PlannedTask> {
+        let mut made_by: HashMap<ArtifactName, usize> = HashMap::new();
+        let mut planned = Vec::with_capacity(tasks.len());
+        for (i, (id, spec)) in tasks.into_iter().enumerate() {
+            let inputs = spec.inputs(shards);
+            let mut deps: Vec<usize> = inputs
+                .iter()
+                .filter_map(|a| made_by.get(a).copied())
+                .collect();
+            deps.sort_unstable();
+            deps.dedup();
+            let output = spec.output();
+            made_by.insert(output.clone(), i);
+            planned.push(PlannedTask {
+                id,
+                spec,
+                deps,
+                inputs,
+                output,
+            });
+        }
+        planned
+    }
 }
 
 /// A load test's plan: `tasks` independent no-op tasks.
 pub fn load_test_plan(tasks: usize) -> Plan {
+    let tasks = (0..tasks as u64)
+        .map(|index| {
+            let noop = NoopTask { index };
+            (noop.id(), TaskSpec::Noop(noop))
+        })
+        .collect();
     Plan {
-        tasks: (0..tasks)
-            .map(|i| {
-                let id = format!("noop-{i:07}");
-                PlannedTask {
-                    spec: TaskSpec::Noop(distill::task::NoopTask { index: i as u64 }),
-                    deps: Vec::new(),
-                    inputs: Vec::new(),
-                    output: Output::Noop(id.clone()),
-                    id,
-                }
-            })
-            .collect(),
+        tasks: Plan::link(tasks, 0),
         teachers: Vec::new(),
         specialists: Vec::new(),
         transfer_teachers: Vec::new(),
         shards: 0,
+        models: BTreeMap::new(),
     }
 }
 
@@ -156,55 +189,51 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             record_test_curve: !teacher && cfg.record_test_curves,
         })
     };
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<(String, TaskSpec)> = Vec::new();
+    let mut models = BTreeMap::new();
+    let mut add_model = |name: &str, role: Role, learned_from: &[String]| {
+        let model = PlannedModel {
+            role,
+            learned_from: learned_from.to_vec(),
+        };
+        models.insert(name.to_string(), model);
+    };
     for name in &teachers {
-        tasks.push(PlannedTask {
-            id: name.clone(),
-            spec: train(name, &cfg.teachers.hidden, &cfg.teachers.train, None, true),
-            deps: vec![],
-            inputs: vec![ArtifactName::Dataset],
-            output: Output::Model(name.clone()),
-        });
+        tasks.push((
+            name.clone(),
+            train(name, &cfg.teachers.hidden, &cfg.teachers.train, None, true),
+        ));
+        add_model(name, Role::Teacher, &[]);
     }
-    let teacher_tasks: Vec<usize> = (0..teachers.len()).collect();
-    tasks.push(PlannedTask {
-        id: BASELINE.into(),
-        spec: train(
+    tasks.push((
+        BASELINE.into(),
+        train(
             BASELINE,
             &cfg.student.hidden,
             cfg.baseline_train(),
             None,
             false,
         ),
-        deps: vec![],
-        inputs: vec![ArtifactName::Dataset],
-        output: Output::Model(BASELINE.into()),
-    });
-    let baseline_task = tasks.len() - 1;
+    ));
+    add_model(BASELINE, Role::Baseline, &[]);
     let generalist = &teachers[0];
-    let mut specialist_tasks = Vec::new();
     let mut specialists = Vec::new();
     let mut combined = None;
     if let Some(spec) = &cfg.specialists {
-        tasks.push(PlannedTask {
-            id: CLUSTER.into(),
-            spec: TaskSpec::Cluster(ClusterTask {
+        tasks.push((
+            CLUSTER.into(),
+            TaskSpec::Cluster(ClusterTask {
                 generalist: generalist.clone(),
                 specialists: spec.count,
                 classes_per_specialist: spec.classes_per_specialist,
                 seed: derive_seed(cfg.seed, CLUSTER),
             }),
-            deps: vec![0],
-            inputs: vec![ArtifactName::Dataset, model(generalist)],
-            output: Output::Clusters,
-        });
-        let cluster_task = tasks.len() - 1;
+        ));
         for m in 0..spec.count {
             let name = specialist_name(m);
-            specialist_tasks.push(tasks.len());
-            tasks.push(PlannedTask {
-                id: name.clone(),
-                spec: TaskSpec::Specialist(SpecialistTask {
+            tasks.push((
+                name.clone(),
+                TaskSpec::Specialist(SpecialistTask {
                     model: name.clone(),
                     index: m,
                     generalist: generalist.clone(),
@@ -213,17 +242,12 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                         ..spec.train.clone()
                     },
                 }),
-                deps: vec![0, cluster_task],
-                inputs: vec![
-                    ArtifactName::Dataset,
-                    model(generalist),
-                    ArtifactName::Clusters,
-                ],
-                output: Output::Model(name.clone()),
-            });
+            ));
+            add_model(&name, Role::Specialist, &teachers);
             specialists.push(name);
         }
-        specialist_tasks.push(cluster_task);
+        let with_specialists: Vec<String> = teachers.iter().chain(&specialists).cloned().collect();
+        add_model(COMBINED, Role::Combined, &with_specialists);
         combined = Some(CombinedSpec {
             name: COMBINED.into(),
             generalist: generalist.clone(),
@@ -231,50 +255,26 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             top_n: spec.top_n,
         });
     }
-    // What a task using the combination reads besides the generalist.
-    let combined_inputs: Vec<ArtifactName> = if combined.is_some() {
-        specialists
-            .iter()
-            .map(|m| model(m))
-            .chain(std::iter::once(ArtifactName::Clusters))
-            .collect()
-    } else {
-        vec![]
-    };
     let mut transfer_teachers = teachers.clone();
     transfer_teachers.extend(combined.as_ref().map(|c| c.name.clone()));
     let shards = cfg.transfer_shards.min(train_len.max(1));
-    let mut infer_tasks = Vec::new();
-    let teacher_inputs: Vec<ArtifactName> = teachers.iter().map(|t| model(t)).collect();
-    let mut infer_deps = teacher_tasks.clone();
-    infer_deps.extend(&specialist_tasks);
     for (index, range) in shard_ranges(train_len, shards)?.into_iter().enumerate() {
-        infer_tasks.push(tasks.len());
-        tasks.push(PlannedTask {
-            id: format!("infer-{index:05}"),
-            spec: TaskSpec::Infer(InferTask {
+        tasks.push((
+            format!("infer-{index:05}"),
+            TaskSpec::Infer(InferTask {
                 shard: index,
                 start: range.start,
                 end: range.end,
                 teachers: teachers.clone(),
                 combined: combined.clone(),
             }),
-            deps: infer_deps.clone(),
-            inputs: std::iter::once(ArtifactName::Dataset)
-                .chain(teacher_inputs.iter().cloned())
-                .chain(combined_inputs.iter().cloned())
-                .collect(),
-            output: Output::Shard { index, range },
-        });
+        ));
     }
-    let mut student_inputs = vec![ArtifactName::Dataset, ArtifactName::TransferManifest];
-    student_inputs.extend((0..infer_tasks.len()).map(ArtifactName::Shard));
     // Each student learns from the teachers, or from the combination.
     let mut students = vec![(STUDENT, teachers.clone())];
     if let Some(c) = &combined {
         students.push((STUDENT_COMBINED, vec![c.name.clone()]));
     }
-    let mut student_tasks = Vec::new();
     for (name, learns_from) in &students {
         let distill = DistillConfig {
             // Only a transfer set holding more than the teachers needs a
@@ -286,37 +286,33 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             },
             ..cfg.student.distill.clone()
         };
-        student_tasks.push(tasks.len());
-        tasks.push(PlannedTask {
-            id: name.to_string(),
-            spec: train(
+        tasks.push((
+            name.to_string(),
+            train(
                 name,
                 &cfg.student.hidden,
                 &cfg.student.train,
                 Some(distill),
                 false,
             ),
-            deps: infer_tasks.clone(),
-            inputs: student_inputs.clone(),
-            output: Output::Model(name.to_string()),
-        });
+        ));
+        add_model(name, Role::Student, learns_from);
     }
-    let mut models = teachers.clone();
-    models.extend(students.iter().map(|(name, _)| name.to_string()));
-    models.push(BASELINE.into());
+    let mut evaluated = teachers.clone();
+    evaluated.extend(students.iter().map(|(name, _)| name.to_string()));
+    evaluated.push(BASELINE.into());
     let ensemble = (teachers.len() > 1).then(|| EnsembleSpec {
         name: ENSEMBLE.into(),
         members: teachers.clone(),
         combine: cfg.student.distill.combine,
     });
-    let mut deps = teacher_tasks;
-    deps.push(baseline_task);
-    deps.extend(&specialist_tasks);
-    deps.extend(&student_tasks);
-    tasks.push(PlannedTask {
-        id: EVALUATE.into(),
-        spec: TaskSpec::Evaluate(EvaluateTask {
-            models: models.clone(),
+    if ensemble.is_some() {
+        add_model(ENSEMBLE, Role::Ensemble, &teachers);
+    }
+    tasks.push((
+        EVALUATE.into(),
+        TaskSpec::Evaluate(EvaluateTask {
+            models: evaluated,
             ensemble,
             bias_adjustment: cfg
                 .student
@@ -329,19 +325,14 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                 }),
             combined,
         }),
-        deps,
-        inputs: std::iter::once(ArtifactName::Dataset)
-            .chain(models.iter().map(|m| model(m)))
-            .chain(combined_inputs)
-            .collect(),
-        output: Output::Evaluation,
-    });
+    ));
     Ok(Plan {
-        tasks,
+        tasks: Plan::link(tasks, shards),
         teachers,
         specialists,
         transfer_teachers,
         shards,
+        models,
     })
 }
 
@@ -387,8 +378,8 @@ mod tests {
         }
         let ranges: Vec<_> = p.tasks[3..6]
             .iter()
-            .map(|t| match &t.output {
-                Output::Shard { range, .. } => range.clone(),
+            .map(|t| match &t.spec {
+                TaskSpec::Infer(infer) => infer.start..infer.end,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -449,10 +440,24 @@ mod tests {
         );
         assert_eq!(p.specialists, ["specialist-00", "specialist-01"]);
         assert_eq!(p.transfer_teachers, ["teacher-0", "combined"]);
+        let roles: Vec<(&str, Role)> = p.models.iter().map(|(n, m)| (n.as_str(), m.role)).collect();
+        assert_eq!(
+            roles,
+            [
+                ("baseline", Role::Baseline),
+                ("combined", Role::Combined),
+                ("specialist-00", Role::Specialist),
+                ("specialist-01", Role::Specialist),
+                ("student", Role::Student),
+                ("student-combined", Role::Student),
+                ("teacher-0", Role::Teacher),
+            ]
+        );
+        assert_eq!(p.models["student-combined"].learned_from, [COMBINED]);
         assert_eq!(p.tasks[3].deps, vec![0, 2]);
         assert!(p.tasks[3].inputs.contains(&ArtifactName::Clusters));
         // Inference needs the generalist, every specialist and the clusters.
-        assert_eq!(p.tasks[5].deps, vec![0, 3, 4, 2]);
+        assert_eq!(p.tasks[5].deps, vec![0, 2, 3, 4]);
         match &p.tasks[5].spec {
             TaskSpec::Infer(t) => {
                 let c = t.combined.as_ref().unwrap();
@@ -477,7 +482,7 @@ mod tests {
             .collect();
         assert_ne!(seeds[0], seeds[1]);
         let evaluate = p.tasks.last().unwrap();
-        assert_eq!(evaluate.deps, vec![0, 1, 3, 4, 2, 7, 8]);
+        assert_eq!(evaluate.deps, vec![0, 1, 2, 3, 4, 7, 8]);
         match &evaluate.spec {
             TaskSpec::Evaluate(e) => {
                 assert!(e.combined.is_some());

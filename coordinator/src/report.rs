@@ -6,12 +6,12 @@ use std::path::Path;
 use std::collections::HashMap;
 
 use distill::specialists::ensemble::Clusters;
-use distill::task::ModelEvaluation;
+use distill::task::{ModelEvaluation, TaskSummary};
 use serde::Serialize;
 
 use crate::config::ClusterConfig;
 use crate::job::TaskRecord;
-use crate::plan::{Plan, BASELINE, COMBINED, ENSEMBLE, STUDENT, STUDENT_COMBINED};
+use crate::plan::{Plan, Role, COMBINED, STUDENT, STUDENT_COMBINED};
 
 /// `report.json`.
 #[derive(Clone, Debug, Serialize)]
@@ -218,49 +218,30 @@ pub fn build(
                 .strip_suffix("+bias")
                 .filter(|_| adjusted)
                 .unwrap_or(&e.name);
-            let (role, learned_from, temperature, architecture) = match name {
-                STUDENT => (
-                    "student",
-                    teachers.to_vec(),
-                    Some(cfg.student.distill.temperature),
-                    arch(&cfg.student.hidden),
+            let planned = plan.models.get(name);
+            let role = planned.map_or(Role::Teacher, |m| m.role);
+            let learned_from = planned.map(|m| m.learned_from.clone()).unwrap_or_default();
+            let architecture = match role {
+                Role::Student | Role::Baseline => arch(&cfg.student.hidden),
+                Role::Teacher => arch(&cfg.teachers.hidden),
+                Role::Ensemble => vec![arch(&cfg.teachers.hidden); teachers.len()].join("+"),
+                Role::Specialist => specialist_arch(name).unwrap_or_default(),
+                Role::Combined => format!(
+                    "{} + {} specialists",
+                    arch(&cfg.teachers.hidden),
+                    plan.specialists.len()
                 ),
-                STUDENT_COMBINED => (
-                    "student",
-                    vec![COMBINED.to_string()],
-                    Some(cfg.student.distill.temperature),
-                    arch(&cfg.student.hidden),
-                ),
-                COMBINED => (
-                    "combined",
-                    teachers.iter().chain(&plan.specialists).cloned().collect(),
-                    None,
-                    format!(
-                        "{} + {} specialists",
-                        arch(&cfg.teachers.hidden),
-                        plan.specialists.len()
-                    ),
-                ),
-                _ if plan.specialists.iter().any(|s| s == name) => (
-                    "specialist",
-                    teachers.to_vec(),
-                    None,
-                    specialist_arch(name).unwrap_or_default(),
-                ),
-                BASELINE => ("baseline", vec![], None, arch(&cfg.student.hidden)),
-                ENSEMBLE => (
-                    "ensemble",
-                    teachers.to_vec(),
-                    None,
-                    vec![arch(&cfg.teachers.hidden); teachers.len()].join("+"),
-                ),
-                _ => ("teacher", vec![], None, arch(&cfg.teachers.hidden)),
             };
+            let temperature = (role == Role::Student).then_some(cfg.student.distill.temperature);
             let record = records.get(name);
-            let summary = record.map(|r| &r.summary);
+            let trained = record.and_then(|r| {
+                let task = plan.tasks.iter().find(|t| t.id == name)?;
+                task.spec.summary(&r.summary)
+            });
+            let trained = trained.as_ref().and_then(TaskSummary::trained);
             ModelReport {
                 name: e.name.clone(),
-                role: role.into(),
+                role: role.as_str().into(),
                 teachers: learned_from,
                 temperature,
                 primary: e.name == STUDENT,
@@ -273,36 +254,25 @@ pub fn build(
                 per_class_totals: e.test.per_class_totals.clone(),
                 // The training itself, without fetching inputs (the
                 // task's whole time when the summary lacks it).
-                train_seconds: summary
-                    .and_then(|s| s.get("train_seconds"))
-                    .and_then(|v| v.as_f64())
+                train_seconds: trained
+                    .map(|t| t.train_seconds)
                     .or(record.map(|r| r.seconds))
                     .unwrap_or(0.0),
-                selected_epoch: summary
-                    .and_then(|s| s.pointer("/training/selected_epoch"))
-                    .and_then(|v| v.as_u64())
-                    .map(|v| v as usize),
-                file: (role != "ensemble" && role != "combined" && !adjusted)
+                selected_epoch: trained.map(|t| t.training.selected_epoch),
+                file: (!matches!(role, Role::Ensemble | Role::Combined) && !adjusted)
                     .then(|| format!("models/{name}.safetensors")),
                 bias_shift: e.bias_shift,
-                training_examples: summary
-                    .and_then(|s| s.get("examples"))
-                    .and_then(|v| v.as_u64())
-                    .map(|v| v as usize),
-                validation_errors_per_epoch: summary
-                    .and_then(|s| s.pointer("/training/epochs"))
-                    .and_then(|v| v.as_array())
-                    .map(|epochs| {
-                        epochs
+                training_examples: trained.map(|t| t.examples),
+                validation_errors_per_epoch: trained
+                    .map(|t| {
+                        t.training
+                            .epochs
                             .iter()
-                            .filter_map(|e| e.get("validation_errors")?.as_u64())
-                            .map(|v| v as usize)
+                            .map(|e| e.validation_errors)
                             .collect()
                     })
                     .unwrap_or_default(),
-                test_errors_per_epoch: summary
-                    .and_then(|s| s.get("test_errors_per_epoch"))
-                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
+                test_errors_per_epoch: trained.and_then(|t| t.test_errors_per_epoch.clone()),
                 cached: record.is_some_and(|r| r.cached),
             }
         })
@@ -493,6 +463,7 @@ impl SpecialistsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{BASELINE, ENSEMBLE};
     use distill::eval::Evaluation;
     use std::collections::HashMap;
 
@@ -535,15 +506,28 @@ mod tests {
             (
                 STUDENT.to_string(),
                 TaskRecord {
-                    summary: serde_json::json!({
-                        "train_seconds": 2.5,
-                        "examples": 80,
-                        "test_errors_per_epoch": [3, 2],
-                        "training": {
-                            "selected_epoch": 4,
-                            "epochs": [{"validation_errors": 5}, {"validation_errors": 4}]
-                        }
-                    }),
+                    summary: serde_json::to_value(distill::task::TrainSummary {
+                        train_seconds: 2.5,
+                        examples: 80,
+                        test_errors_per_epoch: Some(vec![3, 2]),
+                        training: distill::train::TrainReport {
+                            selected_epoch: 4,
+                            epochs: [5, 4]
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, validation_errors)| distill::train::EpochStats {
+                                    epoch: i + 1,
+                                    mean_loss: 0.5,
+                                    validation_errors,
+                                    learning_rate: 0.1,
+                                    seconds: 1.0,
+                                    examples_per_second: 80.0,
+                                    shard_wait_seconds: 0.0,
+                                })
+                                .collect(),
+                        },
+                    })
+                    .unwrap(),
                     seconds: 3.0,
                     cached: false,
                     made_by: None,

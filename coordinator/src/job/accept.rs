@@ -7,13 +7,11 @@
 use std::time::Duration;
 
 use common::artifact::{ArtifactName, ArtifactRef};
-use common::transfer::{Manifest, ShardEntry};
+use common::transfer::Manifest;
 use distill::checkpoint::TrainCheckpoint;
-use distill::specialists::ensemble::Clusters;
-use distill::task::{ModelEvaluation, TaskSpec};
+use distill::task::{Checked, TaskSpec};
 
 use super::{Job, JobError, TaskRecord};
-use crate::plan::Output;
 
 /// What is uploaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,27 +34,16 @@ pub struct Expected {
     pub attempt: u64,
     /// Result or checkpoint.
     pub kind: UploadKind,
-    output: Output,
-    noop_payload: Option<Vec<u8>>,
-    transfer_teachers: Vec<String>,
+    spec: TaskSpec,
     num_classes: usize,
-    specialists: usize,
 }
 
 /// A payload that passed [`Expected::validate`], decoded as far as the job
 /// needs it.
 #[derive(Clone, Debug)]
 pub enum Validated {
-    /// A model file.
-    Model,
-    /// A transfer-set shard and its manifest entry.
-    Shard(ShardEntry),
-    /// The specialists' classes.
-    Clusters(Clusters),
-    /// The evaluation's results.
-    Evaluation(Vec<ModelEvaluation>),
-    /// A no-op task's payload.
-    Noop,
+    /// The task's result, checked by its kind.
+    Result(Checked),
     /// A training checkpoint after this many epochs.
     Checkpoint {
         /// Epochs done.
@@ -68,7 +55,7 @@ impl Expected {
     /// The artifact the payload is stored as.
     pub fn artifact(&self) -> ArtifactName {
         match self.kind {
-            UploadKind::Result => self.output.artifact(),
+            UploadKind::Result => self.spec.output(),
             UploadKind::Checkpoint => ArtifactName::Checkpoint(self.task_id.clone()),
         }
     }
@@ -86,54 +73,15 @@ impl Expected {
                 epochs_done: checkpoint.epochs_done,
             });
         }
-        Ok(match &self.output {
-            Output::Model(name) => {
-                let file = self.output.artifact().key();
-                distill::model_io::from_bytes(
-                    payload,
-                    std::path::Path::new(&file),
-                    &candle_core::Device::Cpu,
-                )
-                .map_err(|e| bad(format!("{name}: {e}")))?;
-                Validated::Model
-            }
-            Output::Shard { index, range } => Validated::Shard(
-                common::transfer::check_encoded_shard(
-                    *index,
-                    range.clone(),
-                    &self.transfer_teachers,
-                    self.num_classes,
-                    payload,
-                )
-                .map_err(|e| bad(e.to_string()))?,
-            ),
-            Output::Clusters => {
-                let clusters = Clusters::from_json(payload, &ArtifactName::Clusters.to_string())
-                    .map_err(|e| bad(e.to_string()))?;
-                if clusters.num_classes != self.num_classes
-                    || clusters.clusters.len() != self.specialists
-                {
-                    return Err(bad(format!(
-                        "{} clusters over {} classes, the job has {} specialists and {} classes",
-                        clusters.clusters.len(),
-                        clusters.num_classes,
-                        self.specialists,
-                        self.num_classes
-                    )));
-                }
-                Validated::Clusters(clusters)
-            }
-            Output::Noop(_) => {
-                if Some(payload) != self.noop_payload.as_deref() {
-                    return Err(bad("not this no-op task's index".into()));
-                }
-                Validated::Noop
-            }
-            Output::Evaluation => Validated::Evaluation(
-                serde_json::from_slice(payload)
-                    .map_err(|e| bad(format!("not an evaluation list: {e}")))?,
-            ),
-        })
+        let checked = self
+            .spec
+            .check_output(payload, self.num_classes)
+            .map_err(|reason| match &self.spec {
+                TaskSpec::Train(t) => bad(format!("{}: {reason}", t.model)),
+                TaskSpec::Specialist(t) => bad(format!("{}: {reason}", t.model)),
+                _ => bad(reason),
+            })?;
+        Ok(Validated::Result(checked))
     }
 }
 
@@ -153,9 +101,7 @@ impl Job {
         let task = self.task_index(task_id)?;
         self.scheduler.check_current(task, attempt)?;
         let planned = &self.plan.tasks[task];
-        if kind == UploadKind::Checkpoint
-            && !matches!(planned.spec, TaskSpec::Train(_) | TaskSpec::Specialist(_))
-        {
+        if kind == UploadKind::Checkpoint && !planned.spec.trains() {
             return Err(JobError::BadResult {
                 task: planned.id.clone(),
                 reason: "it trains nothing, so it has no checkpoints".into(),
@@ -166,14 +112,8 @@ impl Job {
             task_id: planned.id.clone(),
             attempt,
             kind,
-            output: planned.output.clone(),
-            noop_payload: match &planned.spec {
-                TaskSpec::Noop(noop) => Some(noop.payload()),
-                _ => None,
-            },
-            transfer_teachers: self.plan.transfer_teachers.clone(),
+            spec: planned.spec.clone(),
             num_classes: self.dataset.num_classes,
-            specialists: self.plan.specialists.len(),
         })
     }
 
@@ -191,16 +131,16 @@ impl Job {
             .check_current(expected.task, expected.attempt)?;
         let mut manifest = None;
         match validated {
-            Validated::Model | Validated::Noop | Validated::Checkpoint { .. } => {}
-            Validated::Shard(entry) => {
+            Validated::Result(Checked::Model | Checked::Noop) | Validated::Checkpoint { .. } => {}
+            Validated::Result(Checked::Shard(entry)) => {
                 let index = stored.name.shard().expect("a shard's artifact");
                 self.transfer.stored(index, entry);
                 manifest = self
                     .transfer
                     .manifest(&self.dataset, &self.plan.transfer_teachers);
             }
-            Validated::Clusters(clusters) => self.clusters = Some(clusters),
-            Validated::Evaluation(results) => self.evaluations = Some(results),
+            Validated::Result(Checked::Clusters(clusters)) => self.clusters = Some(clusters),
+            Validated::Result(Checked::Evaluation(results)) => self.evaluations = Some(results),
         }
         self.record_artifact(stored);
         self.records.insert(expected.task_id.clone(), record);
@@ -234,7 +174,7 @@ impl Job {
             .map_or(0, |a| a.size);
         tracing::info!(task = %expected.task_id, attempt = expected.attempt, worker, seconds = record.seconds, bytes = size, "task finished");
         metrics::counter!("distill_tasks_completed_total").increment(1);
-        if matches!(expected.output, Output::Shard { .. }) {
+        if matches!(expected.spec, TaskSpec::Infer(_)) {
             metrics::counter!("distill_transfer_bytes_written_total").increment(size);
         }
         Ok(self.forget_artifact(&ArtifactName::Checkpoint(expected.task_id.clone())))

@@ -7,7 +7,6 @@ use common::transfer::Manifest;
 use distill::specialists::ensemble::Clusters;
 
 use super::{Job, JobError, TaskRecord};
-use crate::plan::Output;
 use crate::scheduler::TaskState;
 use crate::state::CommittedTask;
 
@@ -49,34 +48,33 @@ impl Job {
             task: planned.id.clone(),
             reason,
         };
-        if commit.artifact.name != planned.output.artifact() {
+        if commit.artifact.name != planned.output {
             return Err(bad(format!(
                 "the commit is of {}, the task makes {}",
-                commit.artifact.name,
-                planned.output.artifact()
+                commit.artifact.name, planned.output
             )));
         }
         match &planned.output {
-            Output::Model(_) | Output::Noop(_) => {}
-            Output::Shard { index, .. } => {
+            ArtifactName::Shard(index) => {
                 let entry = commit
                     .shard
                     .clone()
                     .ok_or_else(|| bad("the commit of a shard has no manifest entry".into()))?;
                 self.transfer.stored(*index, entry);
             }
-            Output::Clusters => {
+            ArtifactName::Clusters => {
                 self.clusters = Some(
                     Clusters::from_json(bytes, &ArtifactName::Clusters.to_string())
                         .map_err(|e| bad(e.to_string()))?,
                 );
             }
-            Output::Evaluation => {
+            ArtifactName::Evaluation => {
                 self.evaluations = Some(
                     serde_json::from_slice(bytes)
                         .map_err(|e| bad(format!("not an evaluation list: {e}")))?,
                 );
             }
+            _ => {}
         }
         let id = planned.id.clone();
         self.record_artifact(commit.artifact.clone());
@@ -137,8 +135,7 @@ impl Job {
             }
             _ => {}
         }
-        let Some(task) =
-            (0..self.plan.tasks.len()).find(|&t| &self.plan.tasks[t].output.artifact() == name)
+        let Some(task) = (0..self.plan.tasks.len()).find(|&t| &self.plan.tasks[t].output == name)
         else {
             tracing::error!(artifact = %name, %problem, "a stored artifact no task makes is lost; restart the coordinator to write it again");
             return (lost, actions);
@@ -149,7 +146,7 @@ impl Job {
         }
         tracing::warn!(artifact = %name, task = %id, %problem, "a stored artifact is lost; its task runs again");
         self.records.remove(&id);
-        if let Output::Shard { index, .. } = self.plan.tasks[task].output {
+        if let ArtifactName::Shard(index) = self.plan.tasks[task].output {
             self.transfer.lost(index);
         }
         for (revoked, worker, attempt) in self.scheduler.reopen(task) {

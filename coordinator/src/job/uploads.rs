@@ -6,6 +6,8 @@ use bytes::Bytes;
 use common::artifact::ArtifactRef;
 use common::blob::{self, PutMode};
 
+use distill::task::Checked;
+
 use super::accept::{Expected, UploadKind, Validated};
 use super::shared::{SharedJob, Upload};
 use super::{JobError, MadeBy, TaskRecord};
@@ -134,7 +136,7 @@ impl SharedJob {
             summary: summary.clone(),
             cached,
             shard: match &validated {
-                Validated::Shard(entry) => Some(entry.clone()),
+                Validated::Result(Checked::Shard(entry)) => Some(entry.clone()),
                 _ => None,
             },
         };

@@ -1,0 +1,300 @@
+//! The units of work of a cluster job, one module per kind: each owns its
+//! spec (what the coordinator sends), what it reads and makes, how a worker
+//! runs it once it holds the inputs, how the coordinator checks its output,
+//! and its typed summary.
+//!
+//! A task is a pure function of its spec and inputs: the same spec, inputs,
+//! seed and thread count give the same output bytes on CPU, whichever worker
+//! runs it and however often it is retried. Times go into the summary,
+//! never into the payload.
+
+mod cluster;
+mod combined;
+mod evaluate;
+mod infer;
+mod noop;
+mod specialist;
+mod train;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use common::artifact::ArtifactName;
+use common::dataset::Splits;
+use common::transfer::ShardEntry;
+use serde::{Deserialize, Serialize};
+
+pub use cluster::{ClusterSummary, ClusterTask};
+pub use combined::CombinedSpec;
+pub use evaluate::{
+    BiasAdjustment, BiasShift, ChooseOn, EnsembleSpec, EvaluateTask, ModelEvaluation,
+    BIAS_SHIFT_STEP, MAX_BIAS_SHIFT,
+};
+pub use infer::InferTask;
+pub use noop::NoopTask;
+pub use specialist::{SpecialistSummary, SpecialistTask};
+pub use train::{TrainSummary, TrainTask};
+
+use crate::model::{Mlp, MlpSpec};
+use crate::specialists::ensemble::Clusters;
+use crate::train::{StepProgress, TrainObserver};
+use crate::{model_io, Error, Result};
+
+/// One unit of work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskSpec {
+    /// Train a model; the output is its model file.
+    Train(TrainTask),
+    /// Run the teachers over a range of the training split; the output is
+    /// that transfer-set shard's file.
+    Infer(InferTask),
+    /// Evaluate models on the validation and test splits; the output is a
+    /// JSON list of [`ModelEvaluation`].
+    Evaluate(EvaluateTask),
+    /// Cluster the classes the generalist confuses; the output is the
+    /// specialists' classes ([`Clusters`] as JSON).
+    Cluster(ClusterTask),
+    /// Train one specialist from the generalist; the output is its model
+    /// file (its classes, then the dustbin).
+    Specialist(SpecialistTask),
+    /// Nothing: the output is the task's index as 8 little-endian bytes.
+    /// Load tests of the coordinator use it.
+    Noop(NoopTask),
+}
+
+/// What a task reads, already downloaded and verified.
+#[derive(Debug)]
+pub struct TaskInputs<'a> {
+    /// The job's splits.
+    pub splits: &'a Splits,
+    /// Model files by model name (the bytes of `models/<name>`).
+    pub models: HashMap<String, Vec<u8>>,
+    /// A folder holding the transfer set, for distillation.
+    pub transfer_dir: Option<PathBuf>,
+    /// The specialists' classes ([`common::artifact::ArtifactName::Clusters`]).
+    pub clusters: Option<Clusters>,
+}
+
+/// What a task produced.
+#[derive(Clone, Debug)]
+pub struct TaskOutput {
+    /// The result file's bytes (deterministic).
+    pub payload: Vec<u8>,
+    /// Its kind's summary as JSON, for the report (may hold times).
+    pub summary: serde_json::Value,
+}
+
+impl TaskOutput {
+    fn new(payload: Vec<u8>, summary: &impl Serialize) -> Self {
+        TaskOutput {
+            payload,
+            summary: serde_json::to_value(summary).expect("summaries serialise"),
+        }
+    }
+}
+
+/// The summary of a task that reports only its time (inference,
+/// evaluation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimedSummary {
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+/// A finished task's summary, read as its kind's type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskSummary {
+    /// Of a [`TrainTask`].
+    Train(TrainSummary),
+    /// Of a [`SpecialistTask`].
+    Specialist(SpecialistSummary),
+    /// Of a [`ClusterTask`].
+    Cluster(ClusterSummary),
+    /// Of an [`InferTask`] or an [`EvaluateTask`].
+    Timed(TimedSummary),
+    /// A no-op task has none.
+    Noop,
+}
+
+impl TaskSummary {
+    /// The training part, for a task that trained a model.
+    pub fn trained(&self) -> Option<&TrainSummary> {
+        match self {
+            TaskSummary::Train(t) => Some(t),
+            TaskSummary::Specialist(s) => Some(&s.trained),
+            _ => None,
+        }
+    }
+}
+
+/// A task's output, checked and decoded as far as the coordinator needs it.
+#[derive(Clone, Debug)]
+pub enum Checked {
+    /// A model file.
+    Model,
+    /// A transfer-set shard, with its manifest entry.
+    Shard(ShardEntry),
+    /// The specialists' classes.
+    Clusters(Clusters),
+    /// The evaluation's results.
+    Evaluation(Vec<ModelEvaluation>),
+    /// A no-op task's payload.
+    Noop,
+}
+
+/// What each kind of task does; a new kind is one module with one
+/// implementation, and one variant of [`TaskSpec`].
+trait TaskKind {
+    /// The artifacts it reads, in the order a worker is given them, for a
+    /// job whose transfer set has `shards` shards.
+    fn inputs(&self, shards: usize) -> Vec<ArtifactName>;
+
+    /// The artifact its output is stored as.
+    fn output(&self) -> ArtifactName;
+
+    /// Checks that `payload` is what it makes in a job of `num_classes`.
+    fn check_output(&self, payload: &[u8], num_classes: usize) -> Result<Checked, String>;
+
+    /// Runs it; `observer` sees training steps (and, for inference and
+    /// evaluation, one step per model) and may cancel.
+    fn run(
+        &self,
+        inputs: &TaskInputs<'_>,
+        device: &Device,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TaskOutput>;
+}
+
+/// Checks that `payload` is model file `name`.
+fn check_model_file(payload: &[u8], name: &str) -> Result<Checked, String> {
+    let file = ArtifactName::Model(name.to_string()).key();
+    model_io::from_bytes(payload, Path::new(&file), &Device::Cpu)
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(Checked::Model)
+}
+
+impl TaskSpec {
+    fn kind(&self) -> &dyn TaskKind {
+        match self {
+            TaskSpec::Train(t) => t,
+            TaskSpec::Infer(t) => t,
+            TaskSpec::Evaluate(t) => t,
+            TaskSpec::Cluster(t) => t,
+            TaskSpec::Specialist(t) => t,
+            TaskSpec::Noop(t) => t,
+        }
+    }
+
+    /// A short description for logs, such as `train teacher-0`.
+    pub fn describe(&self) -> String {
+        match self {
+            TaskSpec::Train(t) if t.distill.is_some() => format!("distil {}", t.model),
+            TaskSpec::Train(t) => format!("train {}", t.model),
+            TaskSpec::Infer(t) => format!("infer shard {} ({}..{})", t.shard, t.start, t.end),
+            TaskSpec::Evaluate(t) => format!("evaluate {} models", t.models.len()),
+            TaskSpec::Cluster(t) => format!("cluster classes for {} specialists", t.specialists),
+            TaskSpec::Specialist(t) => format!("train specialist {}", t.model),
+            TaskSpec::Noop(t) => format!("no-op {}", t.index),
+        }
+    }
+
+    /// The artifacts it reads, in the order a worker is given them, for a
+    /// job whose transfer set has `shards` shards.
+    pub fn inputs(&self, shards: usize) -> Vec<ArtifactName> {
+        self.kind().inputs(shards)
+    }
+
+    /// The artifact its output is stored as.
+    pub fn output(&self) -> ArtifactName {
+        self.kind().output()
+    }
+
+    /// Whether it trains (and so may upload checkpoints).
+    pub fn trains(&self) -> bool {
+        matches!(self, TaskSpec::Train(_) | TaskSpec::Specialist(_))
+    }
+
+    /// Checks that `payload` is what this task makes in a job of
+    /// `num_classes`; the error says why not.
+    pub fn check_output(&self, payload: &[u8], num_classes: usize) -> Result<Checked, String> {
+        self.kind().check_output(payload, num_classes)
+    }
+
+    /// Reads a finished task's summary JSON as its kind's type (`None` when
+    /// it is missing or not of that shape).
+    pub fn summary(&self, json: &serde_json::Value) -> Option<TaskSummary> {
+        let json = json.clone();
+        match self {
+            TaskSpec::Train(_) => serde_json::from_value(json).ok().map(TaskSummary::Train),
+            TaskSpec::Specialist(_) => serde_json::from_value(json)
+                .ok()
+                .map(TaskSummary::Specialist),
+            TaskSpec::Cluster(_) => serde_json::from_value(json).ok().map(TaskSummary::Cluster),
+            TaskSpec::Infer(_) | TaskSpec::Evaluate(_) => {
+                serde_json::from_value(json).ok().map(TaskSummary::Timed)
+            }
+            TaskSpec::Noop(_) => Some(TaskSummary::Noop),
+        }
+    }
+
+    /// Runs the task on `device`; `observer` sees training steps (and, for
+    /// inference and evaluation, one step per model) and may cancel.
+    pub fn execute(
+        &self,
+        inputs: &TaskInputs<'_>,
+        device: &Device,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TaskOutput> {
+        self.kind().run(inputs, device, observer)
+    }
+}
+
+/// Trainable parameters of an MLP of this shape.
+pub fn parameter_count(spec: &MlpSpec) -> usize {
+    spec.layer_dims().iter().map(|(i, o)| i * o + o).sum()
+}
+
+/// Model `name` of the inputs, as given.
+fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+    let bytes = inputs
+        .models
+        .get(name)
+        .ok_or_else(|| Error::invalid("task inputs", format!("model {name} was not provided")))?;
+    Ok(model_io::from_bytes(
+        bytes,
+        Path::new(&ArtifactName::Model(name.to_string()).key()),
+        device,
+    )?
+    .model)
+}
+
+/// Model `name` of the inputs, checked against the data's features and
+/// classes.
+fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+    let model = load_model_file(inputs, name, device)?;
+    model.spec().ensure_fits(name, &inputs.splits.train)?;
+    Ok(model)
+}
+
+/// Reports one unit of non-training work to the observer (so a cancelled
+/// task stops between models).
+fn tick(
+    observer: &mut dyn TrainObserver,
+    step: usize,
+    started: Instant,
+    rows: usize,
+) -> Result<()> {
+    observer.on_step(&StepProgress {
+        epoch: 0,
+        epochs: 0,
+        step,
+        mean_loss: 0.0,
+        examples_per_second: rows as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! Training one model from scratch: on hard labels (teachers, the
+//! baseline) or distilled from the transfer set's soft targets (students).
+//! The output is the model file.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use common::artifact::ArtifactName;
+use common::seed::{self, Stream};
+use common::transfer::TransferSet;
+use serde::{Deserialize, Serialize};
+
+use super::{check_model_file, Checked, TaskInputs, TaskKind, TaskOutput};
+use crate::eval::evaluate;
+use crate::hparams::{DistillConfig, TrainConfig};
+use crate::model::{Mlp, MlpSpec};
+use crate::subset::{kept_indices, ExampleSubset};
+use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
+use crate::{model_io, Error, Result};
+
+/// Train one model on hard labels, or distil it from the transfer set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainTask {
+    /// The model's name (`teacher-0`, `student`, ...).
+    pub model: String,
+    /// Hidden-layer widths; input and output sizes come from the dataset.
+    pub hidden: Vec<usize>,
+    /// How to train it (its seed included).
+    pub train: TrainConfig,
+    /// `Some` to learn from the transfer set's soft targets.
+    pub distill: Option<DistillConfig>,
+    /// Learn from these training examples only (all when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<ExampleSubset>,
+    /// Also count test errors after every epoch, for a learning curve in
+    /// the report (the test set never chooses anything).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_test_curve: bool,
+}
+
+/// What a training task reports besides its model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Seconds of training, without fetching inputs.
+    pub train_seconds: f64,
+    /// Training examples it learned from.
+    pub examples: usize,
+    /// The training history.
+    pub training: TrainReport,
+    /// Test errors after each epoch, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_errors_per_epoch: Option<Vec<usize>>,
+}
+
+impl TaskKind for TrainTask {
+    /// The dataset, and to distil the transfer set's manifest and its
+    /// `shards` shards.
+    fn inputs(&self, shards: usize) -> Vec<ArtifactName> {
+        let mut inputs = vec![ArtifactName::Dataset];
+        if self.distill.is_some() {
+            inputs.push(ArtifactName::TransferManifest);
+            inputs.extend((0..shards).map(ArtifactName::Shard));
+        }
+        inputs
+    }
+
+    fn output(&self) -> ArtifactName {
+        ArtifactName::Model(self.model.clone())
+    }
+
+    fn check_output(&self, payload: &[u8], _: usize) -> Result<Checked, String> {
+        check_model_file(payload, &self.model)
+    }
+
+    fn run(
+        &self,
+        inputs: &TaskInputs<'_>,
+        device: &Device,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TaskOutput> {
+        let splits = inputs.splits;
+        let spec = MlpSpec::new(
+            splits.train.dim(),
+            self.hidden.clone(),
+            splits.train.num_classes(),
+        )?;
+        let model = Mlp::new_random(spec, &mut seed::rng(self.train.seed, Stream::Init), device)?;
+        let set = match (&self.distill, &inputs.transfer_dir) {
+            (Some(_), Some(dir)) => Some(TransferSet::open(dir)?),
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "task inputs",
+                    format!("distilling {} needs the transfer set", self.model),
+                ))
+            }
+            (None, _) => None,
+        };
+        let keep = match &self.subset {
+            Some(subset) if !subset.is_everything() => {
+                Some(subset.mask(splits.train.labels(), splits.train.num_classes())?)
+            }
+            _ => None,
+        };
+        let labelled_subset;
+        let (train_data, targets) = match (&set, &self.distill, &keep) {
+            (Some(set), Some(distill), keep) => (
+                &splits.train,
+                Targets::Transfer {
+                    set,
+                    distill,
+                    keep: keep.as_deref(),
+                },
+            ),
+            (_, _, Some(keep)) => {
+                labelled_subset = splits.train.subset(
+                    &kept_indices(keep),
+                    format!("{}/subset", splits.train.name()),
+                );
+                (&labelled_subset, Targets::Labels)
+            }
+            (_, _, None) => (&splits.train, Targets::Labels),
+        };
+        let examples = keep.as_ref().map_or(splits.train.len(), |k| {
+            k.iter().filter(|&&kept| kept).count()
+        });
+        let mut curve = TestCurve {
+            model: &model,
+            test: &splits.test,
+            device,
+            inner: observer,
+            errors: self.record_test_curve.then(Vec::new),
+        };
+        let started = Instant::now();
+        let training = train_observed(
+            &model,
+            train_data,
+            &splits.validation,
+            targets,
+            &self.train,
+            device,
+            &mut curve,
+        )?;
+        let summary = TrainSummary {
+            train_seconds: started.elapsed().as_secs_f64(),
+            examples,
+            training,
+            test_errors_per_epoch: curve.errors,
+        };
+        let payload = model_io::to_bytes(&model, splits.train.normalization())?;
+        Ok(TaskOutput::new(payload, &summary))
+    }
+}
+
+/// Passes training progress on and, when `errors` is `Some`, counts the
+/// model's test errors after every epoch.
+struct TestCurve<'a> {
+    model: &'a Mlp,
+    test: &'a common::dataset::Dataset,
+    device: &'a Device,
+    inner: &'a mut dyn TrainObserver,
+    errors: Option<Vec<usize>>,
+}
+
+impl TrainObserver for TestCurve<'_> {
+    fn on_step(&mut self, progress: &StepProgress) -> Result<()> {
+        self.inner.on_step(progress)
+    }
+
+    fn on_epoch(&mut self, stats: &EpochStats) -> Result<()> {
+        if let Some(errors) = &mut self.errors {
+            errors.push(evaluate(self.model, self.test, self.device)?.errors);
+        }
+        self.inner.on_epoch(stats)
+    }
+
+    fn take_checkpoint(&mut self) -> Option<crate::checkpoint::TrainCheckpoint> {
+        self.inner.take_checkpoint()
+    }
+
+    fn checkpoint_due(&mut self, epochs_done: usize) -> bool {
+        self.inner.checkpoint_due(epochs_done)
+    }
+
+    fn on_checkpoint(&mut self, checkpoint: crate::checkpoint::TrainCheckpoint) -> Result<()> {
+        self.inner.on_checkpoint(checkpoint)
+    }
+}
