@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use common::dataset::{chunk_ranges, Dataset};
-use common::transfer::{Manifest, TransferSetWriter};
+use common::transfer::{Encoding, Manifest, ManifestBuilder, TransferSetWriter};
 
 use crate::eval::Predictor;
 use crate::model::Mlp;
@@ -35,8 +35,15 @@ pub fn write_transfer_set(
         let writing = scope.spawn(move || -> Result<Manifest> {
             // Hashing the dataset for the manifest overlaps the first shard.
             let fingerprint = data.fingerprint();
-            let mut writer =
-                TransferSetWriter::create(dir, &fingerprint, data.len(), data.num_classes(), ids)?;
+            let manifest = ManifestBuilder::new(
+                &fingerprint,
+                data.len(),
+                data.num_classes(),
+                ids,
+                Encoding::DenseF32,
+                0,
+            );
+            let mut writer = TransferSetWriter::create(dir, manifest)?;
             for logits in receive {
                 let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
                 writer.write_shard(&views)?;

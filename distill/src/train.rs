@@ -15,7 +15,7 @@ use common::dataset::Dataset;
 use common::seed::{self, ChaCha8Rng, Stream};
 
 use crate::checkpoint::{RngPosition, RngPositions, TrainCheckpoint};
-use common::transfer::{soft_targets, Shard, TransferSet};
+use common::transfer::{Shard, TransferSet};
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
@@ -385,18 +385,18 @@ pub(crate) fn train_on_path(
                 shard_order.shuffle(&mut shuffle_rng);
                 shard_wait =
                     for_each_prefetched_shard(set, distill, &shard_order, |shard, soft| {
-                        let mut rows: Vec<usize> = (0..shard.rows)
-                            .filter(|&r| targets.keeps(shard.start + r))
+                        let mut rows: Vec<usize> = (0..shard.rows())
+                            .filter(|&r| targets.keeps(shard.start() + r))
                             .collect();
                         rows.shuffle(&mut shuffle_rng);
                         for chunk in rows.chunks(cfg.batch_size) {
                             let indices: Vec<usize> =
-                                chunk.iter().map(|r| shard.start + r).collect();
+                                chunk.iter().map(|r| shard.start() + r).collect();
                             step.run(gather(
                                 train,
                                 train.labels(),
                                 &indices,
-                                Some((soft, chunk, shard.num_classes)),
+                                Some((soft, chunk, shard.num_classes())),
                             ))?;
                             after_step(&step, chunk.len())?;
                         }
@@ -544,16 +544,8 @@ fn for_each_prefetched_shard(
         scope.spawn(move || {
             for &s in order {
                 let loaded = set.read_shard(s).map_err(Error::from).and_then(|shard| {
-                    let logits: Vec<&[f32]> = members
-                        .iter()
-                        .map(|&k| shard.logits[k].as_slice())
-                        .collect();
-                    let soft = soft_targets(
-                        &logits,
-                        shard.num_classes,
-                        distill.temperature,
-                        distill.combine,
-                    )?;
+                    let soft =
+                        shard.soft_targets_of(members, distill.temperature, distill.combine)?;
                     Ok((shard, soft))
                 });
                 let failed = loaded.is_err();

@@ -6,7 +6,7 @@
 use candle_core::Device;
 use common::dataset::{Dataset, Normalization};
 use common::seed::{self, Stream};
-use common::transfer::{TransferSet, TransferSetWriter};
+use common::transfer::{Encoding, ManifestBuilder, TransferSet, TransferSetWriter};
 use distill::hparams::{DistillConfig, EpochSelection, TrainConfig};
 use distill::model::{Mlp, MlpSpec};
 use distill::train::{train, Targets};
@@ -46,8 +46,15 @@ fn train_from_transfer_set(examples: usize) {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ids = (0..TEACHERS).map(|t| format!("t{t}")).collect();
-    let mut writer =
-        TransferSetWriter::create(dir.path(), &data.fingerprint(), examples, CLASSES, ids).unwrap();
+    let manifest = ManifestBuilder::new(
+        &data.fingerprint(),
+        examples,
+        CLASSES,
+        ids,
+        Encoding::DenseF32,
+        0,
+    );
+    let mut writer = TransferSetWriter::create(dir.path(), manifest).unwrap();
     for start in (0..examples).step_by(ROWS_PER_SHARD) {
         let rows = ROWS_PER_SHARD.min(examples - start);
         let logits: Vec<Vec<f32>> = (0..TEACHERS)

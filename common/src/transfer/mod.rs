@@ -1,11 +1,13 @@
-//! The transfer set: the raw f32 logits of every teacher for every transfer
-//! example, stored as safetensors shards plus a JSON manifest.
+//! The transfer set: the outputs of every teacher for every transfer
+//! example, stored as shards in an [`Encoding`] plus a JSON manifest.
 //!
-//! Layout of a transfer-set folder:
+//! Layout of a transfer-set folder (encoding `dense-f32`, the only one
+//! today: raw f32 logits, see [`dense`]):
 //!
 //! ```text
-//! manifest.json              format version, dataset fingerprint, teachers,
-//!                            and per shard: file, example range, rows, sha256
+//! manifest.json              format version (2; version 1 is read too),
+//!                            dataset fingerprint, teachers, encoding, and
+//!                            per shard: file, example range, rows, sha256
 //! shard-00000.safetensors    "example_index": I64 [rows]
 //!                            "logits.<teacher id>": F32 [rows, classes], one per teacher
 //! shard-00001.safetensors    ...
@@ -18,12 +20,15 @@
 //! shard's checksum before using it, one shard at a time, so a transfer set
 //! may be larger than memory.
 
+mod dense;
 mod manifest;
 mod reader;
 mod targets;
 mod writer;
 
-pub use manifest::{Manifest, ShardEntry, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{
+    Encoding, Manifest, ManifestBuilder, ShardEntry, FORMAT_VERSION, MANIFEST_FILE,
+};
 pub use reader::{Shard, TransferSet};
 pub use targets::{soft_targets, EnsembleCombine};
 pub use writer::{

@@ -2,11 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors};
-
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::dense;
+use super::manifest::{Encoding, Manifest, MANIFEST_FILE};
 use super::targets::{soft_targets, EnsembleCombine};
-use super::{logits_tensor_name, INDEX_TENSOR};
 use crate::checksum::sha256_hex;
 use crate::dataset::Dataset;
 use crate::{Error, Result};
@@ -18,93 +16,79 @@ pub struct TransferSet {
     manifest: Manifest,
 }
 
-/// One shard in memory: every teacher's logits for examples
-/// `start..start + rows`.
+/// One shard in memory: every teacher's outputs for examples
+/// `start..start + rows`, decoded from its encoding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shard {
-    /// Index of the first example.
-    pub start: usize,
-    /// Number of examples.
-    pub rows: usize,
-    /// Number of classes.
-    pub num_classes: usize,
+    start: usize,
+    rows: usize,
+    num_classes: usize,
     /// Per teacher (manifest order), `rows * num_classes` logits, row-major.
-    pub logits: Vec<Vec<f32>>,
+    logits: Vec<Vec<f32>>,
 }
 
 impl Shard {
-    /// The ensemble's soft targets at temperature `temperature`.
-    pub fn soft_targets(&self, temperature: f64, combine: EnsembleCombine) -> Result<Vec<f32>> {
-        let members: Vec<&[f32]> = self.logits.iter().map(Vec::as_slice).collect();
-        soft_targets(&members, self.num_classes, temperature, combine)
+    /// Index of the first example.
+    pub fn start(&self) -> usize {
+        self.start
     }
-}
 
-impl Shard {
-    /// Decodes the bytes of a shard file that should hold the logits of
-    /// `teachers` over `num_classes` classes for the examples in `range`;
-    /// `path` names it in errors. Checks every tensor's dtype and shape and
-    /// that the example index holds exactly `range`.
+    /// Number of examples.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Number of teachers.
+    pub fn num_teachers(&self) -> usize {
+        self.logits.len()
+    }
+
+    /// Teacher `k`'s logits (manifest order), `rows * num_classes` values,
+    /// row-major.
+    pub fn logits(&self, k: usize) -> &[f32] {
+        &self.logits[k]
+    }
+
+    /// The soft targets of the ensemble of every teacher at `temperature`.
+    pub fn soft_targets(&self, temperature: f64, combine: EnsembleCombine) -> Result<Vec<f32>> {
+        let all: Vec<usize> = (0..self.logits.len()).collect();
+        self.soft_targets_of(&all, temperature, combine)
+    }
+
+    /// The soft targets of the ensemble of teachers `members` (manifest
+    /// order) at `temperature`.
+    pub fn soft_targets_of(
+        &self,
+        members: &[usize],
+        temperature: f64,
+        combine: EnsembleCombine,
+    ) -> Result<Vec<f32>> {
+        let logits: Vec<&[f32]> = members.iter().map(|&k| self.logits[k].as_slice()).collect();
+        soft_targets(&logits, self.num_classes, temperature, combine)
+    }
+
+    /// Decodes the bytes of a shard file stored as `encoding` that should
+    /// hold the outputs of `teachers` over `num_classes` classes for the
+    /// examples in `range`; `path` names it in errors.
     pub fn decode(
         bytes: &[u8],
         path: &Path,
+        encoding: Encoding,
         range: std::ops::Range<usize>,
         teachers: &[String],
         num_classes: usize,
     ) -> Result<Shard> {
-        let rows = range.len();
-        let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-        let index = tensor_bytes(&tensors, path, INDEX_TENSOR, Dtype::I64, &[rows])?;
-        let expected = range.clone().map(|i| i as i64);
-        let stored = index
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")));
-        if !stored.eq(expected) {
-            return Err(Error::format(
-                path,
-                format!(
-                    "{INDEX_TENSOR} does not hold {}..{}",
-                    range.start, range.end
-                ),
-            ));
-        }
-        if tensors.len() != teachers.len() + 1 {
-            return Err(Error::format(
-                path,
-                format!(
-                    "holds {} tensors, expected {INDEX_TENSOR} and the logits of {} teachers",
-                    tensors.len(),
-                    teachers.len()
-                ),
-            ));
-        }
-        let logits = teachers
-            .iter()
-            .map(|t| {
-                let name = logits_tensor_name(t);
-                let data = tensor_bytes(&tensors, path, &name, Dtype::F32, &[rows, num_classes])?;
-                let logits: Vec<f32> = data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect();
-                if let Some(at) = logits.iter().position(|z| !z.is_finite()) {
-                    return Err(Error::format(
-                        path,
-                        format!(
-                            "teacher {t}'s logit for example {} class {} is {} (logits must be finite)",
-                            range.start + at / num_classes.max(1),
-                            at % num_classes.max(1),
-                            logits[at]
-                        ),
-                    ));
-                }
-                Ok(logits)
-            })
-            .collect::<Result<_>>()?;
+        let logits = match encoding {
+            Encoding::DenseF32 => dense::decode(bytes, path, range.clone(), teachers, num_classes)?,
+        };
         Ok(Shard {
             start: range.start,
-            rows,
+            rows: range.len(),
             num_classes,
             logits,
         })
@@ -191,6 +175,7 @@ impl TransferSet {
         Shard::decode(
             &bytes,
             &path,
+            self.manifest.encoding,
             entry.start..entry.end,
             &self.manifest.teachers,
             self.manifest.num_classes,
@@ -204,33 +189,16 @@ impl TransferSet {
     }
 }
 
-fn tensor_bytes<'a>(
-    tensors: &'a SafeTensors<'a>,
-    path: &Path,
-    name: &str,
-    dtype: Dtype,
-    shape: &[usize],
-) -> Result<&'a [u8]> {
-    let t = tensors
-        .tensor(name)
-        .map_err(|_| Error::format(path, format!("tensor {name:?} is missing")))?;
-    if t.dtype() != dtype || t.shape() != shape {
-        return Err(Error::format(
-            path,
-            format!(
-                "tensor {name:?} is {:?} {:?}, expected {dtype:?} {shape:?}",
-                t.dtype(),
-                t.shape()
-            ),
-        ));
-    }
-    Ok(t.data())
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::TransferSetWriter;
     use super::*;
+
+    /// A dense transfer set of `teachers` over 3 classes for `examples`
+    /// examples.
+    fn head(examples: usize, teachers: Vec<String>) -> crate::transfer::ManifestBuilder {
+        crate::transfer::ManifestBuilder::new("fp", examples, 3, teachers, Encoding::DenseF32, 0)
+    }
 
     fn logits(rows: usize, seed: f32) -> Vec<f32> {
         (0..rows * 3)
@@ -241,7 +209,7 @@ mod tests {
     fn write_set(dir: &Path) -> (Vec<f32>, Vec<f32>) {
         let (a, b) = (logits(10, 0.0), logits(10, 1.0));
         let mut w =
-            TransferSetWriter::create(dir, "fp", 10, 3, vec!["t0".into(), "t1".into()]).unwrap();
+            TransferSetWriter::create(dir, head(10, vec!["t0".into(), "t1".into()])).unwrap();
         w.write_shard(&[&a[..12], &b[..12]]).unwrap();
         w.write_shard(&[&a[12..], &b[12..]]).unwrap();
         w.finish().unwrap();
@@ -264,8 +232,8 @@ mod tests {
             ),
             (0, 4, 4, 6)
         );
-        let a_back: Vec<f32> = shards.iter().flat_map(|s| s.logits[0].clone()).collect();
-        let b_back: Vec<f32> = shards.iter().flat_map(|s| s.logits[1].clone()).collect();
+        let a_back: Vec<f32> = shards.iter().flat_map(|s| s.logits(0).to_vec()).collect();
+        let b_back: Vec<f32> = shards.iter().flat_map(|s| s.logits(1).to_vec()).collect();
         assert_eq!((a_back, b_back), (a, b));
     }
 
@@ -335,9 +303,9 @@ mod tests {
     fn writer_rejects_misuse() {
         let dir = tempfile::tempdir().unwrap();
         let a = logits(4, 0.0);
-        assert!(TransferSetWriter::create(dir.path(), "fp", 4, 3, vec!["bad id".into()]).is_err());
-        assert!(TransferSetWriter::create(dir.path(), "fp", 4, 3, vec![]).is_err());
-        let mut w = TransferSetWriter::create(dir.path(), "fp", 4, 3, vec!["t".into()]).unwrap();
+        assert!(TransferSetWriter::create(dir.path(), head(4, vec!["bad id".into()])).is_err());
+        assert!(TransferSetWriter::create(dir.path(), head(4, vec![])).is_err());
+        let mut w = TransferSetWriter::create(dir.path(), head(4, vec!["t".into()])).unwrap();
         assert!(w.write_shard(&[&a[..5]]).is_err());
         assert!(w.write_shard(&[&a, &a]).is_err());
         w.write_shard(&a[..6].chunks(6).collect::<Vec<_>>())
@@ -352,7 +320,7 @@ mod tests {
     fn existing_transfer_set_is_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         write_set(dir.path());
-        let e = TransferSetWriter::create(dir.path(), "fp", 10, 3, vec!["t0".into()]).unwrap_err();
+        let e = TransferSetWriter::create(dir.path(), head(10, vec!["t0".into()])).unwrap_err();
         assert!(e.to_string().contains("already holds"), "{e}");
     }
 
@@ -362,10 +330,19 @@ mod tests {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut z = logits(2, 0.5);
             z[4] = bad;
-            let bytes = crate::transfer::encode_shard(10, 2, 3, &teachers, &[&z]).unwrap();
-            let e = Shard::decode(&bytes, Path::new("s"), 10..12, &teachers, 3)
-                .unwrap_err()
-                .to_string();
+            let bytes =
+                crate::transfer::encode_shard(Encoding::DenseF32, 10, 2, 3, &teachers, &[&z])
+                    .unwrap();
+            let e = Shard::decode(
+                &bytes,
+                Path::new("s"),
+                Encoding::DenseF32,
+                10..12,
+                &teachers,
+                3,
+            )
+            .unwrap_err()
+            .to_string();
             assert!(
                 e.contains("example 11 class 1") && e.contains("finite"),
                 "{e}"

@@ -3,10 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, TensorView};
-
-use super::manifest::{Manifest, ShardEntry, MANIFEST_FILE};
-use super::{logits_tensor_name, validate_teacher_id, INDEX_TENSOR};
+use super::dense;
+use super::manifest::{Encoding, Manifest, ManifestBuilder, ShardEntry, MANIFEST_FILE};
 use crate::atomic_file::write_atomic;
 use crate::blob::{self, BlobError, BlobStore, LocalStore, PutMode};
 use crate::checksum::sha256_hex;
@@ -24,67 +22,32 @@ pub struct TransferSetWriter {
     store: Arc<dyn BlobStore>,
     prefix: String,
     runtime: tokio::runtime::Runtime,
-    manifest: Manifest,
+    manifest: ManifestBuilder,
 }
 
 impl TransferSetWriter {
-    /// Starts a transfer set in folder `dir` (see
+    /// Starts the transfer set `manifest` describes in folder `dir` (see
     /// [`TransferSetWriter::create_in`]).
-    pub fn create(
-        dir: &Path,
-        dataset_fingerprint: &str,
-        num_examples: usize,
-        num_classes: usize,
-        teachers: Vec<String>,
-    ) -> Result<Self> {
+    pub fn create(dir: &Path, manifest: ManifestBuilder) -> Result<Self> {
         let store = Arc::new(LocalStore::new(dir));
-        let writer = Self::create_in(
-            store,
-            "",
-            dataset_fingerprint,
-            num_examples,
-            num_classes,
-            teachers,
-        )?;
+        let writer = Self::create_in(store, "", manifest)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         Ok(writer)
     }
 
-    /// Starts a transfer set under keys `<prefix><file>` of `store` (such
-    /// as `transfer/`, or `""` for a folder of its own) for `num_examples`
-    /// examples of the dataset with `dataset_fingerprint`, with logits from
-    /// `teachers` over `num_classes` classes. Refuses a place that already
-    /// holds a manifest.
+    /// Starts the transfer set `manifest` describes (its shards are
+    /// written here, in order) under keys `<prefix><file>` of `store` (such
+    /// as `transfer/`, or `""` for a folder of its own). Refuses a place
+    /// that already holds a manifest.
     pub fn create_in(
         store: Arc<dyn BlobStore>,
         prefix: &str,
-        dataset_fingerprint: &str,
-        num_examples: usize,
-        num_classes: usize,
-        teachers: Vec<String>,
+        manifest: ManifestBuilder,
     ) -> Result<Self> {
-        let manifest = Manifest::new(
-            dataset_fingerprint,
-            num_examples,
-            num_classes,
-            teachers,
-            Vec::new(),
-        );
-        if num_classes < 2 {
-            return Err(Error::invalid(
-                "num_classes",
-                format!("need at least 2, got {num_classes}"),
-            ));
-        }
-        if manifest.teachers.is_empty() {
-            return Err(Error::invalid(
-                "teachers",
-                "a transfer set needs at least one teacher",
-            ));
-        }
-        for t in &manifest.teachers {
-            validate_teacher_id(t)?;
-        }
+        manifest
+            .head()
+            .validate_head()
+            .map_err(|reason| Error::invalid("transfer set", reason))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -129,15 +92,15 @@ impl TransferSetWriter {
 
     /// The index of the first example the next shard must start at.
     pub fn next_example(&self) -> usize {
-        self.manifest.shards.last().map_or(0, |s| s.end)
+        self.manifest.next_example()
     }
 
     /// Writes the next shard: `logits[k]` holds teacher k's logits
     /// (`rows * num_classes`, row-major) for the examples starting at
     /// [`Self::next_example`].
-    pub fn write_shard(&mut self, logits: &[&[f32]]) -> Result<&ShardEntry> {
-        let classes = self.manifest.num_classes;
-        let teachers = &self.manifest.teachers;
+    pub fn write_shard(&mut self, logits: &[&[f32]]) -> Result<ShardEntry> {
+        let head = self.manifest.head();
+        let (classes, teachers, encoding) = (head.num_classes, &head.teachers, head.encoding);
         if logits.len() != teachers.len() {
             return Err(Error::invalid(
                 "shard logits",
@@ -163,46 +126,49 @@ impl TransferSetWriter {
         let rows = values / classes;
         let start = self.next_example();
         let end = start + rows;
-        if end > self.manifest.num_examples {
+        if end > head.num_examples {
             return Err(Error::invalid(
                 "shard logits",
                 format!(
                     "rows {start}..{end} exceed the {} examples of the transfer set",
-                    self.manifest.num_examples
+                    head.num_examples
                 ),
             ));
         }
-        let bytes = encode_shard(start, rows, classes, teachers, logits)?;
-        let file = shard_file_name(self.manifest.shards.len());
+        let bytes = encode_shard(encoding, start, rows, classes, teachers, logits)?;
+        let index = self.manifest.len();
+        let file = shard_file_name(index);
         let written = self.put(&file, bytes, PutMode::Overwrite)?;
-        self.manifest.shards.push(ShardEntry {
+        let entry = ShardEntry {
             file,
             start,
             end,
             rows,
             sha256: written.sha256,
-        });
-        Ok(self.manifest.shards.last().expect("just pushed"))
+        };
+        self.manifest.stored(index, entry.clone());
+        Ok(entry)
     }
 
     /// Writes `manifest.json`, which makes the transfer set complete, once
     /// the shards cover every example.
     pub fn finish(self) -> Result<Manifest> {
-        if self.next_example() != self.manifest.num_examples {
-            return Err(Error::invalid(
-                "transfer set",
-                format!(
-                    "shards cover 0..{} of {} examples; write the rest before finishing",
-                    self.next_example(),
-                    self.manifest.num_examples
-                ),
-            ));
-        }
-        let json = self
-            .manifest
-            .to_bytes(Path::new(&self.key(MANIFEST_FILE)))?;
+        let num_examples = self.manifest.head().num_examples;
+        let manifest = match self.manifest.complete() {
+            Some(m) if self.next_example() == num_examples => m,
+            _ => {
+                return Err(Error::invalid(
+                    "transfer set",
+                    format!(
+                        "shards cover 0..{} of {num_examples} examples; write the rest before finishing",
+                        self.next_example(),
+                    ),
+                ))
+            }
+        };
+        let json = manifest.to_bytes(Path::new(&self.key(MANIFEST_FILE)))?;
         match self.put(MANIFEST_FILE, json, PutMode::CreateOnly) {
-            Ok(_) => Ok(self.manifest),
+            Ok(_) => Ok(manifest),
             Err(BlobError::AlreadyExists { .. }) => Err(self.already_there()),
             Err(e) => Err(e.into()),
         }
@@ -219,6 +185,7 @@ pub fn shard_file_name(index: usize) -> String {
 /// `num_classes` classes for exactly the examples in `range`. Returns its
 /// manifest entry.
 pub fn check_encoded_shard(
+    encoding: Encoding,
     index: usize,
     range: std::ops::Range<usize>,
     teachers: &[String],
@@ -229,6 +196,7 @@ pub fn check_encoded_shard(
     super::Shard::decode(
         bytes,
         Path::new(&file),
+        encoding,
         range.clone(),
         teachers,
         num_classes,
@@ -252,48 +220,33 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
     Ok(json)
 }
 
-/// The safetensors bytes of one shard: `logits[k]` holds teacher k's logits
-/// (`rows * classes`, row-major) for examples `start..start + rows`.
-/// Deterministic: the same arguments give the same bytes.
+/// The bytes of one shard stored as `encoding`: `logits[k]` holds teacher
+/// k's logits (`rows * classes`, row-major) for examples `start..start +
+/// rows`. Deterministic: the same arguments give the same bytes.
 pub fn encode_shard(
+    encoding: Encoding,
     start: usize,
     rows: usize,
     classes: usize,
     teachers: &[String],
     logits: &[&[f32]],
 ) -> Result<Vec<u8>> {
-    let index_bytes: Vec<u8> = (start..start + rows)
-        .flat_map(|i| (i as i64).to_le_bytes())
-        .collect();
-    let logit_bytes: Vec<Vec<u8>> = logits
-        .iter()
-        .map(|l| l.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let view = |dtype, shape, data| {
-        TensorView::new(dtype, shape, data)
-            .map_err(|e| Error::invalid("shard tensor", e.to_string()))
-    };
-    let mut tensors = vec![(
-        INDEX_TENSOR.to_string(),
-        view(Dtype::I64, vec![rows], &index_bytes)?,
-    )];
-    for (t, bytes) in teachers.iter().zip(&logit_bytes) {
-        tensors.push((
-            logits_tensor_name(t),
-            view(Dtype::F32, vec![rows, classes], bytes)?,
-        ));
+    match encoding {
+        Encoding::DenseF32 => dense::encode(start, rows, classes, teachers, logits),
     }
-    safetensors::serialize(tensors, None).map_err(|e| Error::invalid("shard", e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head() -> ManifestBuilder {
+        ManifestBuilder::new("fp", 4, 3, vec!["t".into()], Encoding::DenseF32, 0)
+    }
     use crate::blob::MemoryStore;
 
     fn writer(store: &Arc<MemoryStore>) -> TransferSetWriter {
-        TransferSetWriter::create_in(store.clone(), "transfer/", "fp", 4, 3, vec!["t".into()])
-            .unwrap()
+        TransferSetWriter::create_in(store.clone(), "transfer/", head()).unwrap()
     }
 
     #[test]
@@ -325,7 +278,7 @@ mod tests {
         // Two writers of one place: the manifest is committed once.
         let e = second.finish().unwrap_err().to_string();
         assert!(e.contains("already holds"), "{e}");
-        let e = TransferSetWriter::create_in(store, "transfer/", "fp", 4, 3, vec!["t".into()])
+        let e = TransferSetWriter::create_in(store, "transfer/", head())
             .unwrap_err()
             .to_string();
         assert!(e.contains("already holds"), "{e}");

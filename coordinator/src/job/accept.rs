@@ -135,9 +135,7 @@ impl Job {
             Validated::Result(Checked::Shard(entry)) => {
                 let index = stored.name.shard().expect("a shard's artifact");
                 self.transfer.stored(index, entry);
-                manifest = self
-                    .transfer
-                    .manifest(&self.dataset, &self.plan.transfer_teachers);
+                manifest = self.transfer.complete();
             }
             Validated::Result(Checked::Clusters(clusters)) => self.clusters = Some(clusters),
             Validated::Result(Checked::Evaluation(results)) => self.evaluations = Some(results),

@@ -310,7 +310,15 @@ fn checkpoint_bytes() -> Vec<u8> {
 
 fn shard_bytes(start: usize) -> Vec<u8> {
     let logits = vec![0.0f32; 5 * 3];
-    common::transfer::encode_shard(start, 5, 3, &["teacher-0".into()], &[&logits]).unwrap()
+    common::transfer::encode_shard(
+        common::transfer::Encoding::DenseF32,
+        start,
+        5,
+        3,
+        &["teacher-0".into()],
+        &[&logits],
+    )
+    .unwrap()
 }
 
 /// A harness whose teacher-0 is done; returns it and the attempt used.

@@ -10,7 +10,6 @@
 //! - `workers.rs`: the worker registry;
 //! - `leases.rs`: leases, heartbeats, failures and expiry;
 //! - `accept.rs`: checking uploaded outputs and taking them up;
-//! - `transfer.rs`: the transfer set's shards and manifest;
 //! - `recovery.rs`: restoring committed tasks, and lost artifacts;
 //! - `telemetry.rs`: loss curves and summary lines;
 //! - `shared.rs`, `uploads.rs`, `downloads.rs`: the lock and the I/O around it.
@@ -21,7 +20,6 @@ mod leases;
 mod recovery;
 mod shared;
 mod telemetry;
-mod transfer;
 mod uploads;
 mod workers;
 
@@ -32,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use common::artifact::{ArtifactName, ArtifactRef};
+use common::transfer::{Encoding, ManifestBuilder};
 use distill::specialists::ensemble::Clusters;
 use distill::task::ModelEvaluation;
 
@@ -158,7 +157,8 @@ pub struct Job {
     pub checkpoint_times: HashMap<String, Duration>,
     /// The artifacts stored so far.
     artifacts: BTreeMap<ArtifactName, ArtifactRef>,
-    transfer: transfer::TransferSet,
+    /// The transfer set's manifest, as its shards are stored.
+    transfer: ManifestBuilder,
     dataset: DatasetFacts,
     poll_ms: u32,
     next_worker: u64,
@@ -191,7 +191,14 @@ impl Job {
         );
         scheduler.start_attempts_at(first_attempt);
         let mut job = Job {
-            transfer: transfer::TransferSet::new(plan.shards),
+            transfer: ManifestBuilder::new(
+                &dataset.fingerprint,
+                dataset.train_len,
+                dataset.num_classes,
+                plan.transfer_teachers.clone(),
+                Encoding::DenseF32,
+                plan.shards,
+            ),
             plan,
             scheduler,
             workers: BTreeMap::new(),

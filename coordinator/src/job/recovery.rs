@@ -96,8 +96,7 @@ impl Job {
     /// again when every shard was restored.
     pub fn restored(&mut self) -> Option<Manifest> {
         self.scheduler.refresh_ready();
-        self.transfer
-            .manifest(&self.dataset, &self.plan.transfer_teachers)
+        self.transfer.complete()
     }
 
     /// True if task `id` exists and is not done: a checkpoint of it is
@@ -128,9 +127,7 @@ impl Job {
             }
             ArtifactName::TransferManifest => {
                 tracing::warn!(%problem, "the transfer manifest is lost; writing it again");
-                actions.rewrite_manifest = self
-                    .transfer
-                    .manifest(&self.dataset, &self.plan.transfer_teachers);
+                actions.rewrite_manifest = self.transfer.complete();
                 return (lost, actions);
             }
             _ => {}

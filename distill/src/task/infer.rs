@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use common::artifact::ArtifactName;
-use common::transfer::{check_encoded_shard, encode_shard, soft_targets, EnsembleCombine};
+use common::transfer::{
+    check_encoded_shard, encode_shard, soft_targets, Encoding, EnsembleCombine,
+};
 use serde::{Deserialize, Serialize};
 
 use super::combined::{models_and_combination, CombinedModels, CombinedSpec};
@@ -58,6 +60,7 @@ impl TaskKind for InferTask {
     /// Must be an encoded shard against the task and a job of `num_classes`.
     fn check_output(&self, payload: &[u8], num_classes: usize) -> Result<Checked, String> {
         check_encoded_shard(
+            Encoding::DenseF32,
             self.shard,
             self.start..self.end,
             &self.columns(),
@@ -101,6 +104,7 @@ impl TaskKind for InferTask {
         }
         let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
         let payload = encode_shard(
+            Encoding::DenseF32,
             self.start,
             rows.len(),
             train.num_classes(),

@@ -113,17 +113,16 @@ fn train_infer_distil_evaluate_chain_is_deterministic() {
         "a shard of 4 classes"
     );
     std::fs::write(dir.path().join(&entry.file), &shard).unwrap();
-    common::transfer::write_manifest(
-        dir.path(),
-        &common::transfer::Manifest::new(
-            &splits.train.fingerprint(),
-            n,
-            4,
-            vec!["teacher-0".into()],
-            vec![entry],
-        ),
-    )
-    .unwrap();
+    let mut manifest = common::transfer::ManifestBuilder::new(
+        &splits.train.fingerprint(),
+        n,
+        4,
+        vec!["teacher-0".into()],
+        common::transfer::Encoding::DenseF32,
+        1,
+    );
+    manifest.stored(0, entry);
+    common::transfer::write_manifest(dir.path(), &manifest.complete().unwrap()).unwrap();
     let distil_inputs = TaskInputs {
         splits: &splits,
         models: HashMap::new(),
