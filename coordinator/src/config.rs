@@ -10,6 +10,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use common::dataset::source::DatasetSource;
+use common::dataset::source::SourceOptions;
 use common::dataset::synthetic::SyntheticSpec;
 use distill::hparams::{DistillConfig, TrainConfig};
 use distill::subset::ExampleSubset;
@@ -47,29 +49,6 @@ pub enum ConfigError {
         /// What is wrong and what is allowed.
         reason: String,
     },
-}
-
-/// Where the examples come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DatasetSource {
-    /// The built-in synthetic problem (no files needed).
-    Synthetic,
-    /// MNIST IDX files (`DATASETS_DIR/mnist` unless `dir` is given).
-    Mnist,
-    /// Fashion-MNIST IDX files (`DATASETS_DIR/fashion-mnist` unless `dir`).
-    FashionMnist,
-}
-
-impl DatasetSource {
-    /// The dataset's name in reports and its folder under `DATASETS_DIR`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetSource::Synthetic => "synthetic",
-            DatasetSource::Mnist => "mnist",
-            DatasetSource::FashionMnist => "fashion-mnist",
-        }
-    }
 }
 
 /// Whether calls to the coordinator must carry the cluster token.
@@ -120,6 +99,16 @@ pub struct DatasetConfig {
     /// Parameters of the synthetic problem (`source = "synthetic"` only).
     #[serde(default)]
     pub synthetic: Option<SyntheticSpec>,
+}
+
+impl DatasetConfig {
+    /// What the source is given besides its name.
+    pub fn source_options(&self) -> SourceOptions<'_> {
+        SourceOptions {
+            dir: self.dir.as_deref(),
+            synthetic: self.synthetic.as_ref(),
+        }
+    }
 }
 
 fn default_validation_size() -> usize {
@@ -538,26 +527,8 @@ impl ClusterConfig {
                 "must be at least 1, got 0".into(),
             ));
         }
-        match (d.source, &d.synthetic, &d.dir) {
-            (DatasetSource::Synthetic, Some(spec), _) => spec
-                .validate()
-                .map_err(|e| invalid("dataset.synthetic", e.to_string()))?,
-            (DatasetSource::Synthetic, None, Some(_)) => {
-                return Err(invalid(
-                    "dataset.dir",
-                    "is not used by source = \"synthetic\"".into(),
-                ))
-            }
-            (_, Some(_), _) => {
-                return Err(invalid(
-                    "dataset.synthetic",
-                    format!(
-                        "is only allowed with source = \"synthetic\", not {:?}",
-                        d.source.name()
-                    ),
-                ))
-            }
-            _ => {}
+        if let Err(e) = d.source.check(d.source_options()) {
+            return Err(invalid(&format!("dataset.{}", e.key), e.reason));
         }
         if !(1..=64).contains(&self.teachers.count) {
             return Err(invalid(

@@ -538,10 +538,9 @@ fn result_files(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// What to do to a worker, and when.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    /// SIGKILL it once the coordinator holds a checkpoint of its teacher.
+    /// SIGKILL it once it has uploaded a checkpoint of a teacher.
     KillMidTeacher,
-    /// SIGKILL the worker of the first transfer-set inference task seen
-    /// running (or, if it was quicker than the poll, done).
+    /// SIGKILL it as it starts a transfer-set inference task.
     KillMidInference,
     /// SIGSTOP it mid-teacher until its lease has expired and the
     /// coordinator moved the task on, then SIGCONT it.
@@ -549,33 +548,49 @@ enum Fault {
 }
 
 impl Fault {
-    /// The task to strike, its worker and its attempt's fencing id, once
-    /// `status` shows the moment for this fault.
-    fn target(self, status: &serde_json::Value) -> Option<(String, String, u64)> {
-        status["tasks"].as_array().unwrap().iter().find_map(|t| {
-            let id = t["id"].as_str().unwrap();
-            let running = t["state"] == "running";
-            let strike = match self {
-                Fault::KillMidTeacher => {
-                    id.starts_with("teacher-") && running && !t["checkpoint_age_seconds"].is_null()
-                }
-                Fault::KillMidInference => {
-                    id.starts_with("infer-") && (running || t["state"] == "done")
-                }
-                Fault::StallPastLease => {
-                    id.starts_with("teacher-")
-                        && running
-                        && t["progress"]["epoch"].as_u64().is_some_and(|e| e >= 1)
-                }
-            };
-            strike.then(|| {
-                (
-                    id.to_string(),
-                    t["worker"].as_str().unwrap().to_string(),
-                    t["attempt"].as_u64().unwrap(),
-                )
-            })
-        })
+    /// Whether a worker's log `line` is the moment to strike it. Teachers
+    /// take a fraction of a second here, too short to catch by polling the
+    /// coordinator: the worker is frozen (SIGSTOP) at the event instead,
+    /// and the coordinator then says what it holds.
+    fn moment(self, line: &str) -> bool {
+        match self {
+            Fault::KillMidTeacher | Fault::StallPastLease => {
+                line.contains("checkpoint uploaded") && line.contains("task=teacher-")
+            }
+            Fault::KillMidInference => {
+                line.contains("task started") && line.contains("task=infer-")
+            }
+        }
+    }
+
+    /// The task struck and its attempt's fencing id, as `status` (taken
+    /// with the worker `victim` frozen) shows them: the task it runs or,
+    /// for a quick inference task it already finished, the last one it
+    /// made.
+    fn target(self, status: &serde_json::Value, victim: &str) -> (String, u64) {
+        let tasks = status["tasks"].as_array().unwrap();
+        let running = tasks
+            .iter()
+            .find(|t| t["state"] == "running" && t["worker"] == victim);
+        let made = || {
+            tasks
+                .iter()
+                .filter(|t| t["state"] == "done" && t["worker"] == victim)
+                .filter(|t| t["id"].as_str().unwrap().starts_with("infer-"))
+                .max_by_key(|t| t["attempt"].as_u64())
+        };
+        let task = match self {
+            Fault::KillMidTeacher | Fault::StallPastLease => running
+                .filter(|t| t["id"].as_str().unwrap().starts_with("teacher-"))
+                .filter(|t| !t["checkpoint_age_seconds"].is_null()),
+            Fault::KillMidInference => running.or_else(made),
+        };
+        let task =
+            task.unwrap_or_else(|| panic!("{self:?}: nothing to strike on {victim}: {status}"));
+        (
+            task["id"].as_str().unwrap().to_string(),
+            task["attempt"].as_u64().unwrap(),
+        )
     }
 }
 
@@ -619,17 +634,23 @@ fn run_with_fault(dir: &Path, fault: Option<Fault>) -> PathBuf {
         Coordinator::start_with(&config, &["--listen", "127.0.0.1:0", "--linger", "300"]);
     let mut workers = Workers::start_registered(2, &coordinator, dir);
     let struck = fault.map(|fault| {
-        let moment =
-            coordinator.wait_for_status(Duration::from_secs(180), |s| fault.target(s).is_some());
-        let (task, worker, attempt) = fault.target(&moment).unwrap();
-        let victim = workers.ids.iter().position(|id| *id == worker).unwrap();
+        let victim = loop {
+            let (i, line) = workers
+                .lines
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{fault:?} found no moment to strike"));
+            if fault.moment(&line) {
+                break i;
+            }
+        };
+        signal("-STOP", &[workers.pid(victim)]);
+        let (task, attempt) = fault.target(&coordinator.api_status(), &workers.ids[victim]);
         match fault {
             Fault::KillMidTeacher | Fault::KillMidInference => {
                 signal("-KILL", &[workers.pid(victim)]);
                 workers.children[victim].wait().unwrap();
             }
             Fault::StallPastLease => {
-                signal("-STOP", &[workers.pid(victim)]);
                 coordinator.wait_for_status(Duration::from_secs(60), |s| {
                     task_in(s, &task)["attempt"].as_u64() != Some(attempt)
                 });

@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod idx;
+pub mod source;
 pub mod synthetic;
 
 use std::ops::Range;
