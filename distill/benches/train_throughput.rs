@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use common::dataset::{Dataset, Normalization};
 use common::seed::{self, Stream};
 use common::transfer::TransferSet;
-use distill::eval::Predictor;
+use distill::eval::{Logits, Predictor};
 use distill::hparams::{DistillConfig, EpochSelection, TrainConfig};
 use distill::model::{Mlp, MlpSpec};
 use distill::teacher::write_transfer_set;

@@ -1,5 +1,6 @@
 //! Evaluation: logits over a dataset, errors, accuracy, per-class errors and
-//! the confusion matrix.
+//! the confusion matrix; and [`Logits`], what evaluation, inference into
+//! the transfer set and eq. 5 ask of a trained model.
 
 use candle_core::{DType, Device, Tensor, D};
 use common::dataset::Dataset;
@@ -93,38 +94,80 @@ pub fn predict_logits(model: &Mlp, data: &Dataset, device: &Device) -> Result<Ve
     Predictor::new(model, device)?.logits(data)
 }
 
-/// A model ready to compute logits on `device`, for several datasets in a
+/// A trained model that gives class scores for examples: what evaluation,
+/// inference into the transfer set and eq. 5 ask of a teacher. [`Predictor`]
+/// is the MLP's; a model of another family (an ONNX teacher) is another
+/// implementation.
+pub trait Logits {
+    /// Input features per example.
+    fn input_dim(&self) -> usize;
+
+    /// Outputs (classes) per example.
+    fn num_classes(&self) -> usize;
+
+    /// Trainable parameters.
+    fn parameters(&self) -> usize;
+
+    /// The logits of the examples `rows` of `data`, row-major
+    /// `[rows, classes]`.
+    fn logits_of(&self, data: &Dataset, rows: std::ops::Range<usize>) -> Result<Vec<f32>>;
+
+    /// The logits of every example of `data`, row-major.
+    fn logits(&self, data: &Dataset) -> Result<Vec<f32>> {
+        self.logits_of(data, 0..data.len())
+    }
+}
+
+/// An MLP ready to compute logits on `device`, for several datasets in a
 /// row (on CPU the weights are laid out for inference once, not per call).
-pub struct Predictor<'a> {
-    model: &'a Mlp,
-    device: &'a Device,
+pub struct Predictor {
+    model: Mlp,
+    device: Device,
     cpu: Option<CpuForward>,
 }
 
-impl<'a> Predictor<'a> {
-    /// Prepares `model` for inference on `device`.
-    pub fn new(model: &'a Mlp, device: &'a Device) -> Result<Self> {
+impl Predictor {
+    /// Prepares `model` for inference on `device` (the weights are shared,
+    /// not copied).
+    pub fn new(model: &Mlp, device: &Device) -> Result<Self> {
         let cpu = if device.is_cpu() {
             Some(CpuForward::new(model)?)
         } else {
             None
         };
-        Ok(Predictor { model, device, cpu })
+        Ok(Predictor {
+            model: model.clone(),
+            device: device.clone(),
+            cpu,
+        })
     }
 
-    /// The model's number of outputs.
-    pub fn num_classes(&self) -> usize {
+    /// The model.
+    pub fn model(&self) -> &Mlp {
+        &self.model
+    }
+}
+
+impl Logits for Predictor {
+    fn input_dim(&self) -> usize {
+        self.model.spec().input_dim
+    }
+
+    fn num_classes(&self) -> usize {
         self.model.spec().num_classes
     }
 
-    /// The logits of every example of `data`, row-major.
-    pub fn logits(&self, data: &Dataset) -> Result<Vec<f32>> {
-        self.logits_of(data, 0..data.len())
+    fn parameters(&self) -> usize {
+        self.model
+            .spec()
+            .layer_dims()
+            .iter()
+            .map(|(i, o)| i * o + o)
+            .sum()
     }
 
-    /// The logits of the examples `rows` of `data`, row-major (nothing is
-    /// copied out of `data` on CPU).
-    pub fn logits_of(&self, data: &Dataset, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    /// Nothing is copied out of `data` on CPU.
+    fn logits_of(&self, data: &Dataset, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         if rows.end > data.len() || rows.start > rows.end {
             return Err(crate::Error::invalid(
                 "rows",
@@ -136,7 +179,7 @@ impl<'a> Predictor<'a> {
             return Ok(cpu.logits(&data.features()[rows.start * dim..rows.end * dim]));
         }
         let mut out = Vec::with_capacity(rows.len() * self.model.spec().num_classes);
-        for_each_batch_in(data, rows, self.device, |_, x| {
+        for_each_batch_in(data, rows, &self.device, |_, x| {
             out.extend(self.model.forward(x)?.flatten_all()?.to_vec1::<f32>()?);
             Ok(())
         })?;
@@ -144,6 +187,18 @@ impl<'a> Predictor<'a> {
     }
 }
 
+/// Evaluates `model` on `data` from its logits (the arg-max class of each
+/// row).
+pub fn evaluate_logits(model: &dyn Logits, data: &Dataset) -> Result<Evaluation> {
+    let predicted = argmax_rows_host(&model.logits(data)?, model.num_classes());
+    Ok(Evaluation::from_predictions(
+        data.labels(),
+        &predicted,
+        data.num_classes(),
+    ))
+}
+
+/// The arg-max class of each row of `[rows, classes]` logits on a device.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits
         .argmax(D::Minus1)?

@@ -7,7 +7,7 @@ use candle_core::Device;
 use common::dataset::{chunk_ranges, Dataset};
 use common::transfer::{Encoding, Manifest, ManifestBuilder, TransferSetWriter};
 
-use crate::eval::Predictor;
+use crate::eval::{Logits, Predictor};
 use crate::model::Mlp;
 use crate::Result;
 

@@ -4,15 +4,13 @@
 
 use std::ops::Range;
 
-use candle_core::Device;
 use common::dataset::Dataset;
 use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
 use super::combine::{combine_batch, SolverSettings};
 use super::specialist::check_classes;
-use crate::eval::Predictor;
-use crate::model::Mlp;
+use crate::eval::Logits;
 use crate::{Error, Result};
 
 /// The classes each specialist covers, as the clustering task stores them
@@ -58,8 +56,8 @@ impl Clusters {
 
 /// A generalist with its specialists, ready for inference.
 pub struct SpecialistEnsemble<'a> {
-    generalist: Predictor<'a>,
-    specialists: Vec<Predictor<'a>>,
+    generalist: Box<dyn Logits + 'a>,
+    specialists: Vec<Box<dyn Logits + 'a>>,
     clusters: &'a Clusters,
     top_n: usize,
     settings: SolverSettings,
@@ -69,18 +67,17 @@ impl<'a> SpecialistEnsemble<'a> {
     /// Checks that specialist m has `clusters[m].len() + 1` outputs and
     /// the generalist one per class.
     pub fn new(
-        generalist: &'a Mlp,
-        specialists: &'a [Mlp],
+        generalist: Box<dyn Logits + 'a>,
+        specialists: Vec<Box<dyn Logits + 'a>>,
         clusters: &'a Clusters,
         top_n: usize,
-        device: &'a Device,
     ) -> Result<Self> {
-        if generalist.spec().num_classes != clusters.num_classes {
+        if generalist.num_classes() != clusters.num_classes {
             return Err(Error::invalid(
                 "generalist",
                 format!(
                     "has {} outputs for {} classes",
-                    generalist.spec().num_classes,
+                    generalist.num_classes(),
                     clusters.num_classes
                 ),
             ));
@@ -96,12 +93,12 @@ impl<'a> SpecialistEnsemble<'a> {
             ));
         }
         for (m, (model, classes)) in specialists.iter().zip(&clusters.clusters).enumerate() {
-            if model.spec().num_classes != classes.len() + 1 {
+            if model.num_classes() != classes.len() + 1 {
                 return Err(Error::invalid(
                     "specialists",
                     format!(
                         "specialist {m} has {} outputs, its {} classes + dustbin need {}",
-                        model.spec().num_classes,
+                        model.num_classes(),
                         classes.len(),
                         classes.len() + 1
                     ),
@@ -112,11 +109,8 @@ impl<'a> SpecialistEnsemble<'a> {
             return Err(Error::invalid("top_n", "must be at least 1"));
         }
         Ok(SpecialistEnsemble {
-            generalist: Predictor::new(generalist, device)?,
-            specialists: specialists
-                .iter()
-                .map(|m| Predictor::new(m, device))
-                .collect::<Result<_>>()?,
+            generalist,
+            specialists,
             clusters,
             top_n,
             settings: SolverSettings::default(),
@@ -126,7 +120,7 @@ impl<'a> SpecialistEnsemble<'a> {
     /// The generalist's distribution (T = 1) over the examples `rows` of
     /// `data`, row-major.
     pub fn generalist_probabilities(&self, data: &Dataset, rows: Range<usize>) -> Result<Vec<f64>> {
-        probabilities(&self.generalist, data, rows)
+        probabilities(&*self.generalist, data, rows)
     }
 
     /// The combined distribution q of eq. 5 for the examples `rows` of
@@ -140,7 +134,7 @@ impl<'a> SpecialistEnsemble<'a> {
         let specialists = self
             .specialists
             .iter()
-            .map(|s| probabilities(s, data, rows.clone()))
+            .map(|s| probabilities(&**s, data, rows.clone()))
             .collect::<Result<Vec<_>>>()?;
         Ok(combine_batch(
             p,
@@ -159,7 +153,7 @@ impl<'a> SpecialistEnsemble<'a> {
     }
 }
 
-fn probabilities(model: &Predictor<'_>, data: &Dataset, rows: Range<usize>) -> Result<Vec<f64>> {
+fn probabilities(model: &dyn Logits, data: &Dataset, rows: Range<usize>) -> Result<Vec<f64>> {
     let logits = model.logits_of(data, rows)?;
     let width = model.num_classes();
     let p = soft_targets(&[&logits], width, 1.0, EnsembleCombine::Arithmetic)?;
@@ -177,7 +171,9 @@ pub fn log_probabilities(q: &[f64]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MlpSpec;
+    use crate::eval::Predictor;
+    use crate::model::{Mlp, MlpSpec};
+    use candle_core::Device;
     use common::seed::{self, Stream};
 
     #[test]
@@ -203,7 +199,7 @@ mod tests {
         let device = Device::Cpu;
         let rng = &mut seed::rng(5, Stream::Init);
         let g = Mlp::new_random(MlpSpec::new(4, vec![3], 3).unwrap(), rng, &device).unwrap();
-        let s = vec![Mlp::new_random(MlpSpec::new(4, vec![3], 2).unwrap(), rng, &device).unwrap()];
+        let s = [Mlp::new_random(MlpSpec::new(4, vec![3], 2).unwrap(), rng, &device).unwrap()];
         let clusters = Clusters {
             num_classes: 3,
             clusters: vec![vec![1]],
@@ -218,7 +214,10 @@ mod tests {
             common::dataset::Normalization::Identity,
         )
         .unwrap();
-        let ensemble = SpecialistEnsemble::new(&g, &s, &clusters, 3, &device).unwrap();
+        let boxed = |m: &Mlp| Box::new(Predictor::new(m, &device).unwrap()) as Box<dyn Logits>;
+        let ensemble =
+            SpecialistEnsemble::new(boxed(&g), s.iter().map(boxed).collect(), &clusters, 3)
+                .unwrap();
         let q = ensemble.combined(&data, 0..5).unwrap();
         let p = ensemble.generalist_probabilities(&data, 0..5).unwrap();
         let sp = probabilities(&Predictor::new(&s[0], &device).unwrap(), &data, 0..5).unwrap();
@@ -238,7 +237,9 @@ mod tests {
             num_classes: 3,
             clusters: vec![vec![0, 1]],
         };
-        assert!(SpecialistEnsemble::new(&g, &s, &wrong, 1, &device).is_err());
+        assert!(
+            SpecialistEnsemble::new(boxed(&g), s.iter().map(boxed).collect(), &wrong, 1).is_err()
+        );
     }
 
     #[test]

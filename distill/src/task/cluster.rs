@@ -11,7 +11,6 @@ use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
 use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput};
-use crate::eval::Predictor;
 use crate::specialists::clustering::confusable_clusters;
 use crate::specialists::ensemble::Clusters;
 use crate::train::TrainObserver;
@@ -81,7 +80,7 @@ impl TaskKind for ClusterTask {
         let classes = train.num_classes();
         let started = Instant::now();
         let generalist = load_model(inputs, &self.generalist, device)?;
-        let logits = Predictor::new(&generalist, device)?.logits(train)?;
+        let logits = generalist.logits(train)?;
         let probs = soft_targets(&[&logits], classes, 1.0, EnsembleCombine::Arithmetic)?;
         tick(observer, 1, started, train.len())?;
         if self.specialists < 2 || self.specialists > classes {

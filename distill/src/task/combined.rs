@@ -7,9 +7,8 @@ use common::dataset::Dataset;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::ModelEvaluation;
-use super::{load_model, load_model_file, parameter_count, TaskInputs};
-use crate::eval::{argmax_rows_host, evaluate, Evaluation};
-use crate::model::Mlp;
+use super::{load_model, load_model_file, TaskInputs};
+use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits, Predictor};
 use crate::specialists::ensemble::{Clusters, SpecialistEnsemble};
 use crate::specialists::specialist::relabel;
 use crate::{Error, Result};
@@ -57,8 +56,8 @@ pub(super) fn models_and_combination(
 
 /// A generalist and its specialists, loaded with their classes.
 pub(super) struct CombinedModels<'a> {
-    generalist: Mlp,
-    specialists: Vec<Mlp>,
+    generalist: Box<dyn Logits>,
+    specialists: Vec<Box<dyn Logits>>,
     clusters: &'a Clusters,
 }
 
@@ -86,18 +85,9 @@ impl<'a> CombinedModels<'a> {
         })
     }
 
-    pub(super) fn ensemble(
-        &'a self,
-        spec: &CombinedSpec,
-        device: &'a Device,
-    ) -> Result<SpecialistEnsemble<'a>> {
-        SpecialistEnsemble::new(
-            &self.generalist,
-            &self.specialists,
-            self.clusters,
-            spec.top_n,
-            device,
-        )
+    /// The eq. 5 combination of the models (which it takes).
+    pub(super) fn into_ensemble(self, spec: &CombinedSpec) -> Result<SpecialistEnsemble<'a>> {
+        SpecialistEnsemble::new(self.generalist, self.specialists, self.clusters, spec.top_n)
     }
 }
 
@@ -119,14 +109,20 @@ pub(super) fn evaluate_combined(
     {
         results.push(ModelEvaluation {
             name: name.clone(),
-            params: parameter_count(model.spec()),
-            validation_errors: evaluate(model, &relabel(&splits.validation, classes)?, device)?
+            params: model.parameters(),
+            validation_errors: evaluate_logits(&**model, &relabel(&splits.validation, classes)?)?
                 .errors,
-            test: evaluate(model, &relabel(&splits.test, classes)?, device)?,
+            test: evaluate_logits(&**model, &relabel(&splits.test, classes)?)?,
             bias_shift: None,
         });
     }
-    let ensemble = models.ensemble(spec, device)?;
+    let params = models.generalist.parameters()
+        + models
+            .specialists
+            .iter()
+            .map(|m| m.parameters())
+            .sum::<usize>();
+    let ensemble = models.into_ensemble(spec)?;
     let classes = splits.test.num_classes();
     let predict = |data: &Dataset| -> Result<Vec<u32>> {
         let q = ensemble.combined(data, 0..data.len())?;
@@ -140,12 +136,7 @@ pub(super) fn evaluate_combined(
     );
     results.push(ModelEvaluation {
         name: spec.name.clone(),
-        params: parameter_count(models.generalist.spec())
-            + models
-                .specialists
-                .iter()
-                .map(|m| parameter_count(m.spec()))
-                .sum::<usize>(),
+        params,
         validation_errors: validation.errors,
         test: Evaluation::from_predictions(splits.test.labels(), &predict(&splits.test)?, classes),
         bias_shift: None,
@@ -155,7 +146,11 @@ pub(super) fn evaluate_combined(
 
 /// A specialist's model file (its outputs are its classes + dustbin, so it
 /// is not checked against the data's classes, only its input).
-fn load_specialist(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+fn load_specialist(
+    inputs: &TaskInputs<'_>,
+    name: &str,
+    device: &Device,
+) -> Result<Box<dyn Logits>> {
     let model = load_model_file(inputs, name, device)?;
     if model.spec().input_dim != inputs.splits.train.dim() {
         return Err(Error::invalid(
@@ -167,5 +162,5 @@ fn load_specialist(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Resu
             ),
         ));
     }
-    Ok(model)
+    Ok(Box::new(Predictor::new(&model, device)?))
 }

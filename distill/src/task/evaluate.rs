@@ -13,11 +13,8 @@ use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
 use super::combined::{evaluate_combined, models_and_combination, CombinedSpec};
-use super::{
-    load_model, parameter_count, tick, Checked, TaskInputs, TaskKind, TaskOutput, TimedSummary,
-};
-use crate::eval::{argmax_rows_host, evaluate, predict_logits, Evaluation};
-use crate::model::Mlp;
+use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput, TimedSummary};
+use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits};
 use crate::train::TrainObserver;
 use crate::{Error, Result};
 
@@ -138,16 +135,16 @@ impl TaskKind for EvaluateTask {
             let model = load_model(inputs, name, device)?;
             results.push(ModelEvaluation {
                 name: name.clone(),
-                params: parameter_count(model.spec()),
-                validation_errors: evaluate(&model, &splits.validation, device)?.errors,
-                test: evaluate(&model, &splits.test, device)?,
+                params: model.parameters(),
+                validation_errors: evaluate_logits(&*model, &splits.validation)?.errors,
+                test: evaluate_logits(&*model, &splits.test)?,
                 bias_shift: None,
             });
             models.insert(name.clone(), model);
             tick(observer, k + 1, started, splits.test.len() * (k + 1))?;
         }
         if let Some(ens) = &self.ensemble {
-            results.push(evaluate_ensemble(ens, &models, splits, device)?);
+            results.push(evaluate_ensemble(ens, &models, splits)?);
         }
         if let Some(combined) = &self.combined {
             results.extend(evaluate_combined(combined, inputs, device)?);
@@ -159,7 +156,7 @@ impl TaskKind for EvaluateTask {
                     format!("{} is not among the evaluated models", adjustment.model),
                 )
             })?;
-            results.push(evaluate_bias_adjusted(model, adjustment, splits, device)?);
+            results.push(evaluate_bias_adjusted(&**model, adjustment, splits)?);
         }
         let payload = serde_json::to_vec_pretty(&results).expect("evaluations serialise");
         let summary = TimedSummary {
@@ -172,22 +169,21 @@ impl TaskKind for EvaluateTask {
 /// The ensemble `ens` of some of the evaluated `models`, as one model.
 fn evaluate_ensemble(
     ens: &EnsembleSpec,
-    models: &HashMap<String, Mlp>,
+    models: &HashMap<String, Box<dyn Logits>>,
     splits: &Splits,
-    device: &Device,
 ) -> Result<ModelEvaluation> {
     let members = ens
         .members
         .iter()
         .map(|m| match models.get(m) {
-            Some(model) => Ok(model),
+            Some(model) => Ok(&**model),
             None => Err(Error::invalid(
                 "ensemble",
                 format!("member {m} is not among the evaluated models"),
             )),
         })
         .collect::<Result<Vec<_>>>()?;
-    let predict = |data| ensemble_predictions(&members, data, ens.combine, device);
+    let predict = |data| ensemble_predictions(&members, data, ens.combine);
     let classes = splits.test.num_classes();
     let validation = Evaluation::from_predictions(
         splits.validation.labels(),
@@ -196,7 +192,7 @@ fn evaluate_ensemble(
     );
     Ok(ModelEvaluation {
         name: ens.name.clone(),
-        params: members.iter().map(|m| parameter_count(m.spec())).sum(),
+        params: members.iter().map(|m| m.parameters()).sum(),
         validation_errors: validation.errors,
         test: Evaluation::from_predictions(splits.test.labels(), &predict(&splits.test)?, classes),
         bias_shift: None,
@@ -206,10 +202,9 @@ fn evaluate_ensemble(
 /// Evaluates `model` with the output biases of `adjustment.classes` moved
 /// (adding to a class's logit is the same as adding to its bias).
 fn evaluate_bias_adjusted(
-    model: &Mlp,
+    model: &dyn Logits,
     adjustment: &BiasAdjustment,
     splits: &Splits,
-    device: &Device,
 ) -> Result<ModelEvaluation> {
     let classes = splits.test.num_classes();
     if let Some(c) = adjustment.classes.iter().find(|&&c| c as usize >= classes) {
@@ -227,7 +222,7 @@ fn evaluate_bias_adjusted(
         }
         argmax_rows_host(&scores, classes)
     };
-    let validation_logits = predict_logits(model, &splits.validation, device)?;
+    let validation_logits = model.logits(&splits.validation)?;
     let validation_errors_at = |shift: f64| {
         Evaluation::from_predictions(
             splits.validation.labels(),
@@ -240,10 +235,10 @@ fn evaluate_bias_adjusted(
         BiasShift::Fixed(shift) => shift,
         BiasShift::Chosen(ChooseOn::Validation) => best_shift(validation_errors_at),
     };
-    let test_logits = predict_logits(model, &splits.test, device)?;
+    let test_logits = model.logits(&splits.test)?;
     Ok(ModelEvaluation {
         name: format!("{}+bias", adjustment.model),
-        params: parameter_count(model.spec()),
+        params: model.parameters(),
         validation_errors: validation_errors_at(shift),
         test: Evaluation::from_predictions(
             splits.test.labels(),
@@ -267,14 +262,13 @@ fn best_shift(errors_at: impl Fn(f64) -> usize) -> f64 {
 /// The classes predicted by an ensemble: the argmax of its members' combined
 /// distributions at T = 1.
 fn ensemble_predictions(
-    members: &[&Mlp],
+    members: &[&dyn Logits],
     data: &Dataset,
     combine: EnsembleCombine,
-    device: &Device,
 ) -> Result<Vec<u32>> {
     let logits = members
         .iter()
-        .map(|m| predict_logits(m, data, device))
+        .map(|m| m.logits(data))
         .collect::<Result<Vec<_>>>()?;
     let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
     let probs = soft_targets(&views, data.num_classes(), 1.0, combine)?;

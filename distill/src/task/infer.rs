@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use super::combined::{models_and_combination, CombinedModels, CombinedSpec};
 use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput, TimedSummary};
-use crate::eval::Predictor;
 use crate::specialists::ensemble::log_probabilities;
 use crate::train::TrainObserver;
 use crate::Result;
@@ -83,12 +82,12 @@ impl TaskKind for InferTask {
         let mut logits = Vec::with_capacity(self.teachers.len() + 1);
         for (k, name) in self.teachers.iter().enumerate() {
             let model = load_model(inputs, name, device)?;
-            logits.push(Predictor::new(&model, device)?.logits_of(train, rows.clone())?);
+            logits.push(model.logits_of(train, rows.clone())?);
             tick(observer, k + 1, started, rows.len() * (k + 1))?;
         }
         if let Some(combined) = &self.combined {
-            let models = CombinedModels::load(combined, inputs, device)?;
-            let ensemble = models.ensemble(combined, device)?;
+            let ensemble =
+                CombinedModels::load(combined, inputs, device)?.into_ensemble(combined)?;
             // The generalist is usually one of the teachers: reuse its logits.
             let q = match self.teachers.iter().position(|t| *t == combined.generalist) {
                 Some(k) => {

@@ -37,7 +37,8 @@ pub use noop::NoopTask;
 pub use specialist::{SpecialistSummary, SpecialistTask};
 pub use train::{TrainSummary, TrainTask};
 
-use crate::model::{Mlp, MlpSpec};
+use crate::eval::{Logits, Predictor};
+use crate::model::Mlp;
 use crate::specialists::ensemble::Clusters;
 use crate::train::{StepProgress, TrainObserver};
 use crate::{model_io, Error, Result};
@@ -252,11 +253,6 @@ impl TaskSpec {
     }
 }
 
-/// Trainable parameters of an MLP of this shape.
-pub fn parameter_count(spec: &MlpSpec) -> usize {
-    spec.layer_dims().iter().map(|(i, o)| i * o + o).sum()
-}
-
 /// Model `name` of the inputs, as given.
 fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
     let bytes = inputs
@@ -271,12 +267,21 @@ fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Resu
     .model)
 }
 
-/// Model `name` of the inputs, checked against the data's features and
-/// classes.
-fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+/// MLP `name` of the inputs, checked against the data's features and
+/// classes (to train from its weights).
+fn load_mlp(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
     let model = load_model_file(inputs, name, device)?;
     model.spec().ensure_fits(name, &inputs.splits.train)?;
     Ok(model)
+}
+
+/// Model `name` of the inputs, checked against the data's features and
+/// classes, ready to give logits on `device`.
+fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Box<dyn Logits>> {
+    Ok(Box::new(Predictor::new(
+        &load_mlp(inputs, name, device)?,
+        device,
+    )?))
 }
 
 /// Reports one unit of non-training work to the observer (so a cancelled

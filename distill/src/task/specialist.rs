@@ -9,7 +9,7 @@ use common::artifact::ArtifactName;
 use serde::{Deserialize, Serialize};
 
 use super::train::TrainSummary;
-use super::{check_model_file, load_model, Checked, TaskInputs, TaskKind, TaskOutput};
+use super::{check_model_file, load_mlp, Checked, TaskInputs, TaskKind, TaskOutput};
 use crate::hparams::TrainConfig;
 use crate::specialists::specialist::train_specialist;
 use crate::train::TrainObserver;
@@ -85,7 +85,7 @@ impl TaskKind for SpecialistTask {
                 format!("{} of {} clusters", self.index, clusters.clusters.len()),
             )
         })?;
-        let generalist = load_model(inputs, &self.generalist, device)?;
+        let generalist = load_mlp(inputs, &self.generalist, device)?;
         let started = Instant::now();
         let (model, training) =
             train_specialist(&generalist, classes, splits, &self.train, device, observer)?;
