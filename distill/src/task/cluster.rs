@@ -4,16 +4,14 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use common::artifact::ArtifactName;
 use common::seed::{self, Stream};
 use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
-use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput};
+use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput};
 use crate::specialists::clustering::confusable_clusters;
 use crate::specialists::ensemble::Clusters;
-use crate::train::TrainObserver;
 use crate::{Error, Result};
 
 /// Which classes each specialist covers.
@@ -70,12 +68,8 @@ impl TaskKind for ClusterTask {
         Ok(Checked::Clusters(clusters))
     }
 
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput> {
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
+        let Run(inputs, device, observer) = run;
         let train = &inputs.splits.train;
         let classes = train.num_classes();
         let started = Instant::now();

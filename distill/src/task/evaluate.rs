@@ -6,16 +6,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::Device;
 use common::artifact::ArtifactName;
 use common::dataset::{Dataset, Splits};
 use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
 use super::combined::{evaluate_combined, models_and_combination, CombinedSpec};
-use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput, TimedSummary};
+use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput, TimedSummary};
 use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits};
-use crate::train::TrainObserver;
 use crate::{Error, Result};
 
 /// Evaluate trained models, and optionally their ensemble.
@@ -121,12 +119,8 @@ impl TaskKind for EvaluateTask {
             .map_err(|e| format!("not an evaluation list: {e}"))
     }
 
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput> {
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
+        let Run(inputs, device, observer) = run;
         let splits = inputs.splits;
         let started = Instant::now();
         let mut results = Vec::new();

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use common::artifact::ArtifactName;
 use common::transfer::{
     check_encoded_shard, encode_shard, soft_targets, Encoding, EnsembleCombine,
@@ -12,9 +11,8 @@ use common::transfer::{
 use serde::{Deserialize, Serialize};
 
 use super::combined::{models_and_combination, CombinedModels, CombinedSpec};
-use super::{load_model, tick, Checked, TaskInputs, TaskKind, TaskOutput, TimedSummary};
+use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput, TimedSummary};
 use crate::specialists::ensemble::log_probabilities;
-use crate::train::TrainObserver;
 use crate::Result;
 
 /// Teacher inference over examples `start..end` of the training split.
@@ -70,12 +68,8 @@ impl TaskKind for InferTask {
         .map_err(|e| e.to_string())
     }
 
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput> {
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
+        let Run(inputs, device, observer) = run;
         let train = &inputs.splits.train;
         let rows = self.start..self.end;
         let started = Instant::now();

@@ -156,26 +156,28 @@ trait TaskKind {
     /// The artifact its output is stored as.
     fn output(&self) -> ArtifactName;
 
-    /// Checks that `payload` is what it makes in a job of `num_classes`.
-    fn check_output(&self, payload: &[u8], num_classes: usize) -> Result<Checked, String>;
+    /// Checks that `payload` is what it makes in a job of `num_classes`; by
+    /// default, that it is a readable model file (for the kinds that
+    /// train a model).
+    fn check_output(&self, payload: &[u8], _num_classes: usize) -> Result<Checked, String> {
+        let output = self.output();
+        model_io::from_bytes(payload, Path::new(&output.key()), &Device::Cpu).map_err(|e| {
+            match &output {
+                ArtifactName::Model(name) => format!("{name}: {e}"),
+                other => format!("{other}: {e}"),
+            }
+        })?;
+        Ok(Checked::Model)
+    }
 
-    /// Runs it; `observer` sees training steps (and, for inference and
-    /// evaluation, one step per model) and may cancel.
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput>;
+    /// Runs it.
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput>;
 }
 
-/// Checks that `payload` is model file `name`.
-fn check_model_file(payload: &[u8], name: &str) -> Result<Checked, String> {
-    let file = ArtifactName::Model(name.to_string()).key();
-    model_io::from_bytes(payload, Path::new(&file), &Device::Cpu)
-        .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Checked::Model)
-}
+/// What a running task works with: its inputs, the device it computes on,
+/// and the observer that sees its training steps (for inference and
+/// evaluation, one step per model) and may cancel it.
+struct Run<'r>(&'r TaskInputs<'r>, &'r Device, &'r mut dyn TrainObserver);
 
 impl TaskSpec {
     fn kind(&self) -> &dyn TaskKind {
@@ -249,7 +251,7 @@ impl TaskSpec {
         device: &Device,
         observer: &mut dyn TrainObserver,
     ) -> Result<TaskOutput> {
-        self.kind().run(inputs, device, observer)
+        self.kind().run(Run(inputs, device, observer))
     }
 }
 

@@ -3,11 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use candle_core::Device;
 use common::artifact::ArtifactName;
 
-use super::{Checked, TaskInputs, TaskKind, TaskOutput};
-use crate::train::TrainObserver;
+use super::{Checked, Run, TaskKind, TaskOutput};
 use crate::Result;
 
 /// A task that does nothing (for load tests).
@@ -48,7 +46,7 @@ impl TaskKind for NoopTask {
         Ok(Checked::Noop)
     }
 
-    fn run(&self, _: &TaskInputs<'_>, _: &Device, _: &mut dyn TrainObserver) -> Result<TaskOutput> {
+    fn run(&self, _: Run<'_>) -> Result<TaskOutput> {
         Ok(TaskOutput {
             payload: self.payload(),
             summary: serde_json::Value::Null,

@@ -4,15 +4,13 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use common::artifact::ArtifactName;
 use serde::{Deserialize, Serialize};
 
 use super::train::TrainSummary;
-use super::{check_model_file, load_mlp, Checked, TaskInputs, TaskKind, TaskOutput};
+use super::{load_mlp, Run, TaskKind, TaskOutput};
 use crate::hparams::TrainConfig;
 use crate::specialists::specialist::train_specialist;
-use crate::train::TrainObserver;
 use crate::{model_io, Error, Result};
 
 /// Train specialist `index` of the clusters file, started from the
@@ -62,16 +60,8 @@ impl TaskKind for SpecialistTask {
         ArtifactName::Model(self.model.clone())
     }
 
-    fn check_output(&self, payload: &[u8], _: usize) -> Result<Checked, String> {
-        check_model_file(payload, &self.model)
-    }
-
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput> {
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
+        let Run(inputs, device, observer) = run;
         let splits = inputs.splits;
         let clusters = inputs.clusters.as_ref().ok_or_else(|| {
             Error::invalid(

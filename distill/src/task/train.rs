@@ -10,7 +10,7 @@ use common::seed::{self, Stream};
 use common::transfer::TransferSet;
 use serde::{Deserialize, Serialize};
 
-use super::{check_model_file, Checked, TaskInputs, TaskKind, TaskOutput};
+use super::{Run, TaskKind, TaskOutput};
 use crate::eval::evaluate;
 use crate::hparams::{DistillConfig, TrainConfig};
 use crate::model::{Mlp, MlpSpec};
@@ -69,16 +69,8 @@ impl TaskKind for TrainTask {
         ArtifactName::Model(self.model.clone())
     }
 
-    fn check_output(&self, payload: &[u8], _: usize) -> Result<Checked, String> {
-        check_model_file(payload, &self.model)
-    }
-
-    fn run(
-        &self,
-        inputs: &TaskInputs<'_>,
-        device: &Device,
-        observer: &mut dyn TrainObserver,
-    ) -> Result<TaskOutput> {
+    fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
+        let Run(inputs, device, observer) = run;
         let splits = inputs.splits;
         let spec = MlpSpec::new(
             splits.train.dim(),
