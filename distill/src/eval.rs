@@ -225,16 +225,15 @@ pub fn argmax_rows_host(scores: &[f32], classes: usize) -> Vec<u32> {
 
 /// Evaluates `model` on `data`.
 pub fn evaluate(model: &Mlp, data: &Dataset, device: &Device) -> Result<Evaluation> {
-    let predicted = if device.is_cpu() {
-        argmax_rows_host(&predict_logits(model, data, device)?, data.num_classes())
-    } else {
-        let mut predicted = Vec::with_capacity(data.len());
-        for_each_batch(data, device, |_, x| {
-            predicted.extend(argmax_rows(&model.forward(x)?)?);
-            Ok(())
-        })?;
-        predicted
-    };
+    if device.is_cpu() {
+        return evaluate_logits(&Predictor::new(model, device)?, data);
+    }
+    // Elsewhere the arg-max is taken on the device: only classes come back.
+    let mut predicted = Vec::with_capacity(data.len());
+    for_each_batch(data, device, |_, x| {
+        predicted.extend(argmax_rows(&model.forward(x)?)?);
+        Ok(())
+    })?;
     Ok(Evaluation::from_predictions(
         data.labels(),
         &predicted,

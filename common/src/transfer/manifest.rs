@@ -137,6 +137,9 @@ pub struct ShardEntry {
 pub struct ManifestBuilder {
     head: Manifest,
     entries: Vec<Option<ShardEntry>>,
+    /// How many of `entries` are stored (so that completion and the next
+    /// example take constant time however many shards there are).
+    stored: usize,
 }
 
 impl ManifestBuilder {
@@ -161,6 +164,7 @@ impl ManifestBuilder {
                 shards: Vec::new(),
             },
             entries: vec![None; shards],
+            stored: 0,
         }
     }
 
@@ -174,13 +178,15 @@ impl ManifestBuilder {
         if index >= self.entries.len() {
             self.entries.resize(index + 1, None);
         }
-        self.entries[index] = Some(entry);
+        if self.entries[index].replace(entry).is_none() {
+            self.stored += 1;
+        }
     }
 
     /// Forgets shard `index` (it is lost and made again).
     pub fn lost(&mut self, index: usize) {
-        if let Some(entry) = self.entries.get_mut(index) {
-            *entry = None;
+        if self.entries.get_mut(index).and_then(Option::take).is_some() {
+            self.stored -= 1;
         }
     }
 
@@ -208,7 +214,7 @@ impl ManifestBuilder {
     /// of no shards). [`Manifest::validate`] checks that they cover the
     /// examples.
     pub fn complete(&self) -> Option<Manifest> {
-        if self.entries.is_empty() || self.entries.iter().any(Option::is_none) {
+        if self.entries.is_empty() || self.stored < self.entries.len() {
             return None;
         }
         Some(Manifest {

@@ -16,6 +16,17 @@ struct Problem {
     reason: String,
 }
 
+impl Problem {
+    /// The error of the config file at `path`.
+    fn at(self, path: &Path) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: self.key,
+            reason: self.reason,
+        }
+    }
+}
+
 /// The problem with `key`.
 fn invalid(key: &str, reason: String) -> Problem {
     Problem {
@@ -31,11 +42,7 @@ impl ClusterConfig {
             .and_then(|()| self.validate_dataset())
             .and_then(|()| self.validate_models())
             .and_then(|()| self.validate_transfer())
-            .map_err(|p| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: p.key,
-                reason: p.reason,
-            })
+            .map_err(|p| p.at(path))
     }
 
     /// Addresses, shards, leases, attempts, intervals and limits.
@@ -238,6 +245,10 @@ impl ClusterConfig {
 
     /// Checks the keys that name classes against the data's class count.
     pub fn check_classes(&self, path: &Path, num_classes: usize) -> Result<(), ConfigError> {
+        self.classes_fit(num_classes).map_err(|p| p.at(path))
+    }
+
+    fn classes_fit(&self, num_classes: usize) -> Result<(), Problem> {
         let lists = [
             ("transfer.exclude_classes", &self.transfer.exclude_classes),
             ("transfer.only_classes", &self.transfer.only_classes),
@@ -248,11 +259,6 @@ impl ClusterConfig {
             .as_ref()
             .map(|a| ("student.bias_adjustment.classes", &a.classes));
         if let Some(s) = &self.specialists {
-            let invalid = |key: &str, reason: String| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: key.into(),
-                reason,
-            };
             if s.count > num_classes {
                 return Err(invalid(
                     "specialists.count",
@@ -276,13 +282,10 @@ impl ClusterConfig {
         }
         for (key, classes) in lists.into_iter().chain(adjusted) {
             if let Some(c) = classes.iter().find(|&&c| c as usize >= num_classes) {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    key: key.into(),
-                    reason: format!(
-                        "class {c} does not exist (the data has {num_classes} classes)"
-                    ),
-                });
+                return Err(invalid(
+                    key,
+                    format!("class {c} does not exist (the data has {num_classes} classes)"),
+                ));
             }
         }
         Ok(())

@@ -229,16 +229,14 @@ impl TaskSpec {
     /// Reads a finished task's summary JSON as its kind's type (`None` when
     /// it is missing or not of that shape).
     pub fn summary(&self, json: &serde_json::Value) -> Option<TaskSummary> {
-        let json = json.clone();
+        fn read<'a, T: Deserialize<'a>>(json: &'a serde_json::Value) -> Option<T> {
+            T::deserialize(json).ok()
+        }
         match self {
-            TaskSpec::Train(_) => serde_json::from_value(json).ok().map(TaskSummary::Train),
-            TaskSpec::Specialist(_) => serde_json::from_value(json)
-                .ok()
-                .map(TaskSummary::Specialist),
-            TaskSpec::Cluster(_) => serde_json::from_value(json).ok().map(TaskSummary::Cluster),
-            TaskSpec::Infer(_) | TaskSpec::Evaluate(_) => {
-                serde_json::from_value(json).ok().map(TaskSummary::Timed)
-            }
+            TaskSpec::Train(_) => read(json).map(TaskSummary::Train),
+            TaskSpec::Specialist(_) => read(json).map(TaskSummary::Specialist),
+            TaskSpec::Cluster(_) => read(json).map(TaskSummary::Cluster),
+            TaskSpec::Infer(_) | TaskSpec::Evaluate(_) => read(json).map(TaskSummary::Timed),
             TaskSpec::Noop(_) => Some(TaskSummary::Noop),
         }
     }
