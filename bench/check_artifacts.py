@@ -37,8 +37,11 @@ def read_idx(path):
 def load_model(path):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
-    assert meta["format"] == "distill-mlp/1", meta
+    # distill-model/2 tags the architecture with its family; distill-mlp/1
+    # (the first format) held a bare MLP spec.
+    assert meta["format"] in ("distill-model/2", "distill-mlp/1"), meta
     arch = json.loads(meta["architecture"])
+    assert arch.pop("family", "mlp") == "mlp", arch
     assert meta["activation"] == "relu"
     tensors = load_file(str(path))
     layers = []

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use common::artifact::ArtifactName;
 use common::dataset::shard_ranges;
 use distill::hparams::{DistillConfig, TrainConfig};
+use distill::model::ModelShape;
 use distill::task::{
     BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask, NoopTask,
     SpecialistTask, TaskSpec, TrainTask,
@@ -176,10 +177,10 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     // Each model trains with its own seed, derived from the job's and its
     // name. The student and the baseline learn from the `[transfer]`
     // selection of examples; the teachers from the whole training split.
-    let train = |name: &str, hidden: &[usize], base: &TrainConfig, distill, teacher: bool| {
+    let train = |name: &str, shape: ModelShape, base: &TrainConfig, distill, teacher: bool| {
         TaskSpec::Train(TrainTask {
             model: name.into(),
-            hidden: hidden.to_vec(),
+            shape,
             train: TrainConfig {
                 seed: derive_seed(cfg.seed, name),
                 ..base.clone()
@@ -201,7 +202,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
     for name in &teachers {
         tasks.push((
             name.clone(),
-            train(name, &cfg.teachers.hidden, &cfg.teachers.train, None, true),
+            train(name, cfg.teachers.shape(), &cfg.teachers.train, None, true),
         ));
         add_model(name, Role::Teacher, &[]);
     }
@@ -209,7 +210,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         BASELINE.into(),
         train(
             BASELINE,
-            &cfg.student.hidden,
+            cfg.student.shape(),
             cfg.baseline_train(),
             None,
             false,
@@ -290,7 +291,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             name.to_string(),
             train(
                 name,
-                &cfg.student.hidden,
+                cfg.student.shape(),
                 &cfg.student.train,
                 Some(distill),
                 false,

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use std::collections::HashMap;
 
+use distill::model::ModelShape;
 use distill::specialists::ensemble::Clusters;
 use distill::task::{ModelEvaluation, TaskSummary};
 use serde::Serialize;
@@ -193,19 +194,17 @@ pub fn build(
         clusters,
     } = outcomes;
     let teachers = &plan.teachers[..];
-    let arch_to = |hidden: &[usize], outputs: usize| {
-        std::iter::once(sizes.dim)
-            .chain(hidden.iter().copied())
-            .chain(std::iter::once(outputs))
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join("-")
+    let arch_to = |shape: &ModelShape, outputs: usize| {
+        shape
+            .for_data(sizes.dim, outputs)
+            .map_or_else(|e| format!("({e})"), |a| a.describe())
     };
-    let arch = |hidden: &[usize]| arch_to(hidden, sizes.classes);
+    let (teacher_shape, student_shape) = (cfg.teachers.shape(), cfg.student.shape());
+    let arch = |shape: &ModelShape| arch_to(shape, sizes.classes);
     let specialist_arch = |name: &str| {
         let m = plan.specialists.iter().position(|s| s == name)?;
         let covered = clusters?.clusters.get(m)?.len();
-        Some(arch_to(&cfg.teachers.hidden, covered + 1))
+        Some(arch_to(&teacher_shape, covered + 1))
     };
     let models = evaluations
         .iter()
@@ -222,13 +221,13 @@ pub fn build(
             let role = planned.map_or(Role::Teacher, |m| m.role);
             let learned_from = planned.map(|m| m.learned_from.clone()).unwrap_or_default();
             let architecture = match role {
-                Role::Student | Role::Baseline => arch(&cfg.student.hidden),
-                Role::Teacher => arch(&cfg.teachers.hidden),
-                Role::Ensemble => vec![arch(&cfg.teachers.hidden); teachers.len()].join("+"),
+                Role::Student | Role::Baseline => arch(&student_shape),
+                Role::Teacher => arch(&teacher_shape),
+                Role::Ensemble => vec![arch(&teacher_shape); teachers.len()].join("+"),
                 Role::Specialist => specialist_arch(name).unwrap_or_default(),
                 Role::Combined => format!(
                     "{} + {} specialists",
-                    arch(&cfg.teachers.hidden),
+                    arch(&teacher_shape),
                     plan.specialists.len()
                 ),
             };

@@ -20,12 +20,15 @@ use common::seed::ChaCha8Rng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::MlpSpec;
+use crate::model::{Architecture, MlpSpec};
 use crate::train::EpochStats;
 use crate::{Error, Result};
 
 /// The `format` metadata value of checkpoints this code writes.
-pub const CHECKPOINT_FORMAT: &str = "distill-checkpoint/1";
+pub const CHECKPOINT_FORMAT: &str = "distill-checkpoint/2";
+/// The format before model families, whose metadata holds a bare
+/// [`MlpSpec`] under `spec`; still read.
+const CHECKPOINT_FORMAT_V1: &str = "distill-checkpoint/1";
 
 /// Where a random stream is: enough to continue it exactly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +81,7 @@ pub struct RngPositions {
 #[derive(Clone, Debug)]
 pub struct TrainCheckpoint {
     /// The model's architecture (checked on resume).
-    pub spec: MlpSpec,
+    pub architecture: Architecture,
     /// Epochs completed.
     pub epochs_done: usize,
     /// Optimisation steps taken.
@@ -99,7 +102,12 @@ pub struct TrainCheckpoint {
 #[derive(Serialize, Deserialize)]
 struct Meta {
     format: String,
-    spec: MlpSpec,
+    /// Since format 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    architecture: Option<Architecture>,
+    /// Format 1's architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spec: Option<MlpSpec>,
     epochs_done: usize,
     step: usize,
     rngs: RngPositions,
@@ -113,7 +121,8 @@ impl TrainCheckpoint {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let meta = Meta {
             format: CHECKPOINT_FORMAT.into(),
-            spec: self.spec.clone(),
+            architecture: Some(self.architecture.clone()),
+            spec: None,
             epochs_done: self.epochs_done,
             step: self.step,
             rngs: self.rngs.clone(),
@@ -155,13 +164,19 @@ impl TrainCheckpoint {
             .ok_or_else(|| bad("no checkpoint metadata".into()))?;
         let meta: Meta =
             serde_json::from_str(meta).map_err(|e| bad(format!("bad metadata: {e}")))?;
-        if meta.format != CHECKPOINT_FORMAT {
-            return Err(bad(format!(
-                "format {:?}, this version reads {CHECKPOINT_FORMAT:?}",
-                meta.format
-            )));
-        }
-        let shapes = param_shapes(&meta.spec);
+        let architecture = match (meta.format.as_str(), meta.architecture, meta.spec) {
+            (CHECKPOINT_FORMAT, Some(architecture), None) => architecture,
+            (CHECKPOINT_FORMAT_V1, None, Some(spec)) => Architecture::Mlp(spec),
+            (CHECKPOINT_FORMAT | CHECKPOINT_FORMAT_V1, _, _) => {
+                return Err(bad("inconsistent metadata".into()))
+            }
+            (other, _, _) => {
+                return Err(bad(format!(
+                    "format {other:?}, this version reads {CHECKPOINT_FORMAT:?} and {CHECKPOINT_FORMAT_V1:?}"
+                )))
+            }
+        };
+        let shapes = architecture.parameter_shapes();
         if meta.tensors != shapes.len() || meta.history.len() != meta.epochs_done {
             return Err(bad("inconsistent metadata".into()));
         }
@@ -193,7 +208,7 @@ impl TrainCheckpoint {
         Ok(TrainCheckpoint {
             params: group("param")?,
             velocity: group("velocity")?,
-            spec: meta.spec,
+            architecture,
             epochs_done: meta.epochs_done,
             step: meta.step,
             rngs: meta.rngs,
@@ -201,18 +216,6 @@ impl TrainCheckpoint {
             best,
         })
     }
-}
-
-/// The shapes of an architecture's parameters, in [`crate::model::Mlp::vars`] order.
-fn param_shapes(spec: &MlpSpec) -> Vec<Vec<usize>> {
-    let widths: Vec<usize> = std::iter::once(spec.input_dim)
-        .chain(spec.hidden.iter().copied())
-        .chain(std::iter::once(spec.num_classes))
-        .collect();
-    widths
-        .windows(2)
-        .flat_map(|w| [vec![w[1], w[0]], vec![w[1]]])
-        .collect()
 }
 
 #[cfg(test)]
@@ -234,7 +237,8 @@ mod tests {
     #[test]
     fn a_checkpoint_round_trips_and_bad_bytes_are_refused() {
         let spec = MlpSpec::new(3, vec![4], 2).unwrap();
-        let shapes = param_shapes(&spec);
+        let architecture = Architecture::Mlp(spec.clone());
+        let shapes = architecture.parameter_shapes();
         let tensors = |offset: f32| -> Vec<Tensor> {
             shapes
                 .iter()
@@ -247,7 +251,7 @@ mod tests {
         };
         let rng = common::seed::rng(1, common::seed::Stream::Dropout);
         let checkpoint = TrainCheckpoint {
-            spec: spec.clone(),
+            architecture,
             epochs_done: 0,
             step: 17,
             params: tensors(0.5),
@@ -290,7 +294,8 @@ mod tests {
         )
         .unwrap();
         let model_file =
-            crate::model_io::to_bytes(&model, common::dataset::Normalization::Identity).unwrap();
+            crate::model_io::mlp_to_bytes(&model, common::dataset::Normalization::Identity)
+                .unwrap();
         let err = TrainCheckpoint::from_bytes(&model_file, &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("no checkpoint metadata"), "{err}");
     }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::eval::{evaluate, Evaluation};
 use crate::hparams::{DistillConfig, TrainConfig};
-use crate::model::{Mlp, MlpSpec};
+use crate::model::{Mlp, MlpSpec, Model};
 use crate::train::{train, EpochStats, Targets, TrainReport};
 use crate::{model_io, teacher, Result};
 
@@ -141,7 +141,8 @@ fn run_model(
     let path = cfg.out.join(format!("{role}.safetensors"));
     let (model, training) = if cfg.resume && path.exists() {
         tracing::info!(role, path = %path.display(), "loading saved model");
-        (model_io::load(&path, device)?.model, None)
+        let Model::Mlp(model) = model_io::load(&path, device)?.model;
+        (model, None)
     } else {
         let model = Mlp::new_random(
             plan.spec.clone(),
@@ -157,7 +158,11 @@ fn run_model(
             device,
             |e| progress(role, e),
         )?;
-        model_io::save(&model, splits.train.normalization(), &path)?;
+        model_io::save(
+            &Model::Mlp(model.clone()),
+            splits.train.normalization(),
+            &path,
+        )?;
         (model, Some(report))
     };
     let outcome = ModelOutcome {

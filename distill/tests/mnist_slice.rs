@@ -11,7 +11,7 @@ use common::seed::{self, Stream};
 use common::transfer::TransferSet;
 use distill::eval::evaluate;
 use distill::hparams::{DistillConfig, TrainConfig};
-use distill::model::{Mlp, MlpSpec};
+use distill::model::{Mlp, MlpSpec, Model};
 use distill::model_io;
 use distill::teacher::write_transfer_set;
 use distill::train::{train, Targets};
@@ -82,12 +82,14 @@ fn small_nets_learn_mnist_and_distill_through_a_transfer_set() {
 
     let out = tempfile::tempdir().unwrap();
     let model_path = out.path().join("teacher.safetensors");
-    model_io::save(&teacher, s.train.normalization(), &model_path).unwrap();
-    let loaded = model_io::load(&model_path, &dev).unwrap();
-    assert_eq!(
-        evaluate(&loaded.model, &s.test, &dev).unwrap(),
-        teacher_eval
-    );
+    model_io::save(
+        &Model::Mlp(teacher.clone()),
+        s.train.normalization(),
+        &model_path,
+    )
+    .unwrap();
+    let Model::Mlp(loaded) = model_io::load(&model_path, &dev).unwrap().model;
+    assert_eq!(evaluate(&loaded, &s.test, &dev).unwrap(), teacher_eval);
 
     let transfer_dir = out.path().join("transfer");
     write_transfer_set(

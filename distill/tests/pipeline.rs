@@ -115,7 +115,7 @@ fn same_seed_gives_bit_identical_weights_and_another_seed_does_not() {
     };
     let bytes = |cfg: &TrainConfig| {
         let m = fit(&spec, &s, Targets::Labels, cfg);
-        model_io::to_bytes(&m, s.train.normalization()).unwrap()
+        model_io::mlp_to_bytes(&m, s.train.normalization()).unwrap()
     };
     let a = bytes(&cfg);
     assert_eq!(a, bytes(&cfg));

@@ -16,6 +16,8 @@ pub use common::dataset::source::DatasetSource;
 use common::dataset::source::SourceOptions;
 use common::dataset::synthetic::SyntheticSpec;
 use distill::hparams::{DistillConfig, TrainConfig};
+pub use distill::model::Family;
+use distill::model::ModelShape;
 use distill::subset::ExampleSubset;
 use distill::task::BiasShift;
 use serde::{Deserialize, Serialize};
@@ -124,6 +126,9 @@ pub struct TeachersConfig {
     /// Ensemble members (differing only by seed).
     #[serde(default = "one")]
     pub count: usize,
+    /// Model family (`"mlp"`, the only one yet).
+    #[serde(default)]
+    pub family: Family,
     /// Hidden-layer widths.
     pub hidden: Vec<usize>,
     /// How each member is trained (seed derived per member).
@@ -135,10 +140,36 @@ fn one() -> usize {
     1
 }
 
+/// A model's family and shape from a table's `family` and `hidden` keys.
+fn shape_of(family: Family, hidden: &[usize]) -> ModelShape {
+    match family {
+        Family::Mlp => ModelShape::Mlp {
+            hidden: hidden.to_vec(),
+        },
+    }
+}
+
+impl TeachersConfig {
+    /// The teachers' family and shape (specialists share it).
+    pub fn shape(&self) -> ModelShape {
+        shape_of(self.family, &self.hidden)
+    }
+}
+
+impl StudentConfig {
+    /// The student's family and shape (the baseline shares it).
+    pub fn shape(&self) -> ModelShape {
+        shape_of(self.family, &self.hidden)
+    }
+}
+
 /// `[student]`: the model the job is about.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
+    /// Model family (`"mlp"`, the only one yet).
+    #[serde(default)]
+    pub family: Family,
     /// Hidden-layer widths.
     pub hidden: Vec<usize>,
     /// How it is trained.
@@ -492,6 +523,17 @@ hidden = [16]
         assert_eq!(cfg.teachers.count, 1);
         assert_eq!(cfg.transfer_shards, 8);
         assert_eq!(cfg.baseline_train(), &cfg.student.train);
+        assert_eq!(cfg.teachers.shape(), ModelShape::Mlp { hidden: vec![64] });
+    }
+
+    #[test]
+    fn the_model_family_defaults_to_mlp_and_an_unknown_one_is_named() {
+        let cfg = parse(&MINIMAL.replace("[student]", "[student]\nfamily = \"mlp\"")).unwrap();
+        assert_eq!(cfg.student.family, Family::Mlp);
+        let err = parse(&MINIMAL.replace("[student]", "[student]\nfamily = \"cnn\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cnn") && err.contains("mlp"), "{err}");
     }
 
     #[test]

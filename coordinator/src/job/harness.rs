@@ -267,7 +267,7 @@ fn model_bytes(seed: u64) -> Vec<u8> {
     let spec = distill::model::MlpSpec::new(8, vec![4], 3).unwrap();
     let rng = &mut common::seed::rng(seed, common::seed::Stream::Init);
     let model = distill::model::Mlp::new_random(spec, rng, &candle_core::Device::Cpu).unwrap();
-    distill::model_io::to_bytes(&model, common::dataset::Normalization::Identity).unwrap()
+    distill::model_io::mlp_to_bytes(&model, common::dataset::Normalization::Identity).unwrap()
 }
 
 fn checkpoint_bytes() -> Vec<u8> {
@@ -283,7 +283,7 @@ fn checkpoint_bytes() -> Vec<u8> {
     let params: Vec<candle_core::Tensor> =
         model.vars().iter().map(|v| v.as_tensor().clone()).collect();
     TrainCheckpoint {
-        spec,
+        architecture: distill::model::Architecture::Mlp(spec),
         epochs_done: 1,
         step: 3,
         velocity: params.clone(),

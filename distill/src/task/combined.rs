@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::evaluate::ModelEvaluation;
 use super::{load_model, load_model_file, TaskInputs};
-use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits, Predictor};
+use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits};
 use crate::specialists::ensemble::{Clusters, SpecialistEnsemble};
 use crate::specialists::specialist::relabel;
 use crate::{Error, Result};
@@ -152,15 +152,15 @@ fn load_specialist(
     device: &Device,
 ) -> Result<Box<dyn Logits>> {
     let model = load_model_file(inputs, name, device)?;
-    if model.spec().input_dim != inputs.splits.train.dim() {
+    let input_dim = model.architecture().input_dim();
+    if input_dim != inputs.splits.train.dim() {
         return Err(Error::invalid(
             "specialist",
             format!(
-                "{name} reads {} features, the data has {}",
-                model.spec().input_dim,
+                "{name} reads {input_dim} features, the data has {}",
                 inputs.splits.train.dim()
             ),
         ));
     }
-    Ok(Box::new(Predictor::new(&model, device)?))
+    model.into_logits(device)
 }

@@ -37,8 +37,8 @@ pub use noop::NoopTask;
 pub use specialist::{SpecialistSummary, SpecialistTask};
 pub use train::{TrainSummary, TrainTask};
 
-use crate::eval::{Logits, Predictor};
-use crate::model::Mlp;
+use crate::eval::Logits;
+use crate::model::{Mlp, Model};
 use crate::specialists::ensemble::Clusters;
 use crate::train::{StepProgress, TrainObserver};
 use crate::{model_io, Error, Result};
@@ -254,7 +254,7 @@ impl TaskSpec {
 }
 
 /// Model `name` of the inputs, as given.
-fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
+fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Model> {
     let bytes = inputs
         .models
         .get(name)
@@ -270,18 +270,19 @@ fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Resu
 /// MLP `name` of the inputs, checked against the data's features and
 /// classes (to train from its weights).
 fn load_mlp(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
-    let model = load_model_file(inputs, name, device)?;
-    model.spec().ensure_fits(name, &inputs.splits.train)?;
-    Ok(model)
+    let Model::Mlp(mlp) = load_model_file(inputs, name, device)?;
+    mlp.spec().ensure_fits(name, &inputs.splits.train)?;
+    Ok(mlp)
 }
 
 /// Model `name` of the inputs, checked against the data's features and
 /// classes, ready to give logits on `device`.
 fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Box<dyn Logits>> {
-    Ok(Box::new(Predictor::new(
-        &load_mlp(inputs, name, device)?,
-        device,
-    )?))
+    let model = load_model_file(inputs, name, device)?;
+    model
+        .architecture()
+        .ensure_fits(name, &inputs.splits.train)?;
+    model.into_logits(device)
 }
 
 /// Reports one unit of non-training work to the observer (so a cancelled

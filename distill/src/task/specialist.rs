@@ -92,7 +92,7 @@ impl TaskKind for SpecialistTask {
             trained_dustbin: training.trained_dustbin,
             dustbin_correction: training.dustbin_correction,
         };
-        let payload = model_io::to_bytes(&model, splits.train.normalization())?;
+        let payload = model_io::mlp_to_bytes(&model, splits.train.normalization())?;
         Ok(TaskOutput::new(payload, &summary))
     }
 }

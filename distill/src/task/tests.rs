@@ -12,6 +12,7 @@ use common::transfer::EnsembleCombine;
 use super::*;
 use crate::eval::evaluate;
 use crate::hparams::{DistillConfig, TrainConfig};
+use crate::model::ModelShape;
 use crate::subset::ExampleSubset;
 use common::dataset::synthetic::SyntheticSpec;
 
@@ -49,7 +50,7 @@ fn no_inputs(splits: &Splits) -> TaskInputs<'_> {
 fn train_spec(model: &str, distill: Option<DistillConfig>) -> TaskSpec {
     TaskSpec::Train(TrainTask {
         model: model.into(),
-        hidden: vec![16],
+        shape: ModelShape::Mlp { hidden: vec![16] },
         train: TrainConfig {
             epochs: 2,
             batch_size: 32,
@@ -194,7 +195,7 @@ fn a_subset_trains_on_fewer_examples_and_records_a_test_curve() {
     assert_eq!(summary.examples, without_0);
     assert_eq!(summary.test_errors_per_epoch.map(|e| e.len()), Some(2));
     // A class never seen is never predicted: every test 0 is an error.
-    let model = model_io::from_bytes(&out.payload, Path::new("m"), &Device::Cpu)
+    let Model::Mlp(model) = model_io::from_bytes(&out.payload, Path::new("m"), &Device::Cpu)
         .unwrap()
         .model;
     let e = evaluate(&model, &splits.test, &Device::Cpu).unwrap();

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Run, TaskKind, TaskOutput};
 use crate::eval::evaluate;
 use crate::hparams::{DistillConfig, TrainConfig};
-use crate::model::{Mlp, MlpSpec};
+use crate::model::{Architecture, Mlp, ModelShape};
 use crate::subset::{kept_indices, ExampleSubset};
 use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
 use crate::{model_io, Error, Result};
@@ -24,8 +24,8 @@ use crate::{model_io, Error, Result};
 pub struct TrainTask {
     /// The model's name (`teacher-0`, `student`, ...).
     pub model: String,
-    /// Hidden-layer widths; input and output sizes come from the dataset.
-    pub hidden: Vec<usize>,
+    /// Its family and shape; input and output sizes come from the dataset.
+    pub shape: ModelShape,
     /// How to train it (its seed included).
     pub train: TrainConfig,
     /// `Some` to learn from the transfer set's soft targets.
@@ -72,11 +72,10 @@ impl TaskKind for TrainTask {
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
         let splits = inputs.splits;
-        let spec = MlpSpec::new(
-            splits.train.dim(),
-            self.hidden.clone(),
-            splits.train.num_classes(),
-        )?;
+        // Training is written for MLPs (the fused CPU path among others).
+        let Architecture::Mlp(spec) = self
+            .shape
+            .for_data(splits.train.dim(), splits.train.num_classes())?;
         let model = Mlp::new_random(spec, &mut seed::rng(self.train.seed, Stream::Init), device)?;
         let set = match (&self.distill, &inputs.transfer_dir) {
             (Some(_), Some(dir)) => Some(TransferSet::open(dir)?),
@@ -139,7 +138,7 @@ impl TaskKind for TrainTask {
             training,
             test_errors_per_epoch: curve.errors,
         };
-        let payload = model_io::to_bytes(&model, splits.train.normalization())?;
+        let payload = model_io::mlp_to_bytes(&model, splits.train.normalization())?;
         Ok(TaskOutput::new(payload, &summary))
     }
 }

@@ -7,7 +7,7 @@ use super::shards::teacher_indices;
 use super::Targets;
 use crate::checkpoint::TrainCheckpoint;
 use crate::hparams::TrainConfig;
-use crate::model::Mlp;
+use crate::model::{Architecture, Mlp};
 use crate::{Error, Result};
 
 /// Checks that `checkpoint` can continue training `model` under `cfg`.
@@ -16,13 +16,14 @@ pub(super) fn check_resumable(
     checkpoint: &TrainCheckpoint,
     cfg: &TrainConfig,
 ) -> Result<()> {
-    if &checkpoint.spec != model.spec() {
+    let trains = Architecture::Mlp(model.spec().clone());
+    if checkpoint.architecture != trains {
         return Err(Error::invalid(
             "checkpoint",
             format!(
-                "it is of a {:?} model, this run trains {:?}",
-                checkpoint.spec,
-                model.spec()
+                "it is of a {} model, this run trains {}",
+                checkpoint.architecture.describe(),
+                trains.describe()
             ),
         ));
     }

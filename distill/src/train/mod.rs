@@ -25,7 +25,7 @@ use crate::checkpoint::{RngPosition, RngPositions, TrainCheckpoint};
 use crate::eval::evaluate;
 use crate::fused::{FusedTrainer, OptimizerSettings};
 use crate::hparams::{DistillConfig, EpochSelection, TrainConfig};
-use crate::model::{DropoutMasks, Mlp};
+use crate::model::{Architecture, DropoutMasks, Mlp};
 use crate::optim::SgdMomentum;
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -530,7 +530,7 @@ impl Run {
     /// A checkpoint of the run after `epoch`.
     fn checkpoint(&self, epoch: usize, step: &Stepper<'_>) -> Result<TrainCheckpoint> {
         Ok(TrainCheckpoint {
-            spec: step.model.spec().clone(),
+            architecture: Architecture::Mlp(step.model.spec().clone()),
             epochs_done: epoch,
             step: step.step,
             params: step

@@ -176,8 +176,9 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
                 observer,
                 path,
             );
-            let bytes = crate::model_io::to_bytes(&model, common::dataset::Normalization::Identity)
-                .unwrap();
+            let bytes =
+                crate::model_io::mlp_to_bytes(&model, common::dataset::Normalization::Identity)
+                    .unwrap();
             (result, bytes)
         };
         let mut whole = Checkpointing {
@@ -221,7 +222,7 @@ fn a_checkpoint_of_another_model_or_past_the_end_is_refused() {
     let other = MlpSpec::new(4, vec![9], 3).unwrap();
     let rng = seed::rng(1, Stream::Shuffle);
     let checkpoint = |spec: MlpSpec, epochs_done: usize| TrainCheckpoint {
-        spec,
+        architecture: crate::model::Architecture::Mlp(spec),
         epochs_done,
         step: 0,
         params: Vec::new(),
@@ -239,7 +240,7 @@ fn a_checkpoint_of_another_model_or_past_the_end_is_refused() {
         ..TrainConfig::default()
     };
     let err = check_resumable(&model, &checkpoint(other, 1), &cfg).unwrap_err();
-    assert!(err.to_string().contains("model"), "{err}");
+    assert!(err.to_string().contains("4-9-3"), "{err}");
     let err = check_resumable(&model, &checkpoint(model.spec().clone(), 3), &cfg).unwrap_err();
     assert!(err.to_string().contains("after epoch 3"), "{err}");
 }

@@ -6,11 +6,18 @@
 //! on the last layer, whose outputs are the logits.
 
 use candle_core::{Device, Tensor, Var};
+use candle_nn::VarBuilder;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+/// The scope of the layers in a [`VarBuilder`], and the names of a layer's
+/// two tensors in its own scope.
+const LAYERS: &str = "layers";
+const WEIGHT: &str = "weight";
+const BIAS: &str = "bias";
 
 /// The shape of an MLP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +173,41 @@ impl Mlp {
             }
         }
         Ok(Mlp { spec, layers })
+    }
+
+    /// Reads a network of shape `spec` from `vb`: tensors
+    /// `layers.{i}.weight` and `layers.{i}.bias`, each checked for its shape.
+    pub fn load(spec: MlpSpec, vb: &VarBuilder<'_>) -> Result<Self> {
+        spec.validate()?;
+        let layers = vb.pp(LAYERS);
+        let layers = spec
+            .layer_dims()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (fan_in, fan_out))| {
+                let layer = layers.pp(i);
+                Ok(Dense {
+                    weight: Var::from_tensor(&layer.get((fan_out, fan_in), WEIGHT)?)?,
+                    bias: Var::from_tensor(&layer.get(fan_out, BIAS)?)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Mlp::from_layers(spec, layers)
+    }
+
+    /// Every parameter with the name [`Mlp::load`] reads it by, input
+    /// side first, weight before bias.
+    pub fn named_parameters(&self) -> Vec<(String, &Var)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                [
+                    (format!("{LAYERS}.{i}.{WEIGHT}"), &layer.weight),
+                    (format!("{LAYERS}.{i}.{BIAS}"), &layer.bias),
+                ]
+            })
+            .collect()
     }
 
     /// The network's shape.
