@@ -13,6 +13,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// A task's position in the plan.
 pub type TaskIndex = usize;
 
@@ -105,18 +107,20 @@ pub struct Expired {
 }
 
 /// Task counts by state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
-    /// Blocked on dependencies.
+    /// Waiting for dependencies.
     pub blocked: usize,
     /// Ready to lease.
     pub ready: usize,
-    /// Leased.
+    /// Leased to a worker.
     pub running: usize,
-    /// Done.
+    /// Finished.
     pub done: usize,
-    /// Failed.
+    /// Used up their attempts.
     pub failed: usize,
+    /// All tasks.
+    pub total: usize,
 }
 
 /// The state machine.
@@ -175,6 +179,7 @@ impl Scheduler {
         let mut scheduler = Scheduler {
             counts: Counts {
                 blocked: tasks.len(),
+                total: tasks.len(),
                 ..Counts::default()
             },
             tasks,
@@ -564,6 +569,7 @@ mod tests {
             Counts {
                 blocked: 2,
                 ready: 2,
+                total: 4,
                 ..Counts::default()
             }
         );
@@ -827,7 +833,10 @@ mod tests {
                 }
                 _ => {}
             }
-            let mut recount = Counts::default();
+            let mut recount = Counts {
+                total: s.len(),
+                ..Counts::default()
+            };
             let mut ready = Vec::new();
             for i in 0..s.len() {
                 match s.state(i) {

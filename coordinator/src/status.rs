@@ -10,24 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::job::Job;
+pub use crate::scheduler::Counts;
 use crate::scheduler::TaskState;
-
-/// Task counts by state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    /// Waiting for dependencies.
-    pub blocked: usize,
-    /// Ready to run.
-    pub ready: usize,
-    /// Running on a worker.
-    pub running: usize,
-    /// Finished.
-    pub done: usize,
-    /// Used up their attempts.
-    pub failed: usize,
-    /// All tasks.
-    pub total: usize,
-}
 
 /// Where a running task is, as its worker last said.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,7 +187,6 @@ impl JobStatus {
                 }
             })
             .collect();
-        let c = s.counts();
         let state = if s.succeeded() {
             "succeeded"
         } else if s.failure().is_some() {
@@ -216,14 +199,7 @@ impl JobStatus {
             state: state.into(),
             failure: s.failure(),
             elapsed_seconds: now.as_secs_f64(),
-            counts: Counts {
-                blocked: c.blocked,
-                ready: c.ready,
-                running: c.running,
-                done: c.done,
-                failed: c.failed,
-                total: s.len(),
-            },
+            counts: s.counts(),
             tasks,
             workers,
             report,

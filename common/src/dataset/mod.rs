@@ -412,39 +412,25 @@ mod tests {
 
     #[test]
     fn inconsistent_datasets_are_rejected() {
-        let err = Dataset::new(
-            "d",
-            vec![0.0; 5],
-            vec![0, 1],
-            2,
-            3,
-            None,
-            Normalization::Identity,
-        );
-        assert!(err
-            .unwrap_err()
-            .to_string()
-            .contains("5 values for 2 examples"));
-        let err = Dataset::new(
-            "d",
-            vec![0.0; 4],
-            vec![0, 3],
-            2,
-            3,
-            None,
-            Normalization::Identity,
-        );
-        assert!(err.unwrap_err().to_string().contains("label 3"));
-        let err = Dataset::new(
-            "d",
-            vec![0.0; 4],
-            vec![0, 1],
-            2,
-            3,
-            Some((1, 3)),
-            Normalization::Identity,
-        );
-        assert!(err.is_err());
+        let make = |values: usize, labels: Vec<u32>, image_shape| {
+            Dataset::new(
+                "d",
+                vec![0.0; values],
+                labels,
+                2,
+                3,
+                image_shape,
+                Normalization::Identity,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let err = make(5, vec![0, 1], None).unwrap_err();
+        assert!(err.contains("5 values for 2 examples"), "{err}");
+        let err = make(4, vec![0, 3], None).unwrap_err();
+        assert!(err.contains("label 3"), "{err}");
+        assert!(make(4, vec![0, 1], Some((1, 3))).is_err());
+        assert!(make(4, vec![0, 1], None).is_ok());
     }
 
     #[test]

@@ -10,19 +10,19 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use super::{logits_tensor_name, INDEX_TENSOR};
+use super::{logits_tensor_name, ShardLogits, INDEX_TENSOR};
 use crate::{Error, Result};
 
-/// The bytes of one shard: `logits[k]` holds teacher k's logits (`rows *
-/// classes`, row-major) for examples `start..start + rows`. Deterministic:
-/// the same arguments give the same bytes.
-pub(super) fn encode(
-    start: usize,
-    rows: usize,
-    classes: usize,
-    teachers: &[String],
-    logits: &[&[f32]],
-) -> Result<Vec<u8>> {
+/// The bytes of one shard holding `block`. Deterministic: the same logits
+/// give the same bytes.
+pub(super) fn encode(block: &ShardLogits<'_>) -> Result<Vec<u8>> {
+    let &ShardLogits {
+        start,
+        rows,
+        classes,
+        teachers,
+        logits,
+    } = block;
     let index_bytes: Vec<u8> = (start..start + rows)
         .flat_map(|i| (i as i64).to_le_bytes())
         .collect();

@@ -32,7 +32,8 @@ pub use manifest::{
 pub use reader::{Shard, TransferSet};
 pub use targets::{soft_targets, EnsembleCombine};
 pub use writer::{
-    check_encoded_shard, encode_shard, shard_file_name, write_manifest, TransferSetWriter,
+    check_encoded_shard, encode_shard, shard_file_name, write_manifest, ShardLogits,
+    TransferSetWriter,
 };
 
 use crate::{Error, Result};

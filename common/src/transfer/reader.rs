@@ -330,9 +330,9 @@ mod tests {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut z = logits(2, 0.5);
             z[4] = bad;
-            let bytes =
-                crate::transfer::encode_shard(Encoding::DenseF32, 10, 2, 3, &teachers, &[&z])
-                    .unwrap();
+            let views = [z.as_slice()];
+            let block = crate::transfer::ShardLogits::new(10, 3, &teachers, &views).unwrap();
+            let bytes = crate::transfer::encode_shard(Encoding::DenseF32, &block).unwrap();
             let e = Shard::decode(
                 &bytes,
                 Path::new("s"),

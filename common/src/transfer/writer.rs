@@ -100,32 +100,13 @@ impl TransferSetWriter {
     /// [`Self::next_example`].
     pub fn write_shard(&mut self, logits: &[&[f32]]) -> Result<ShardEntry> {
         let head = self.manifest.head();
-        let (classes, teachers, encoding) = (head.num_classes, &head.teachers, head.encoding);
-        if logits.len() != teachers.len() {
-            return Err(Error::invalid(
-                "shard logits",
-                format!(
-                    "{} teachers' logits given, the transfer set has {}",
-                    logits.len(),
-                    teachers.len()
-                ),
-            ));
-        }
-        let values = logits[0].len();
-        if values == 0
-            || !values.is_multiple_of(classes)
-            || logits.iter().any(|l| l.len() != values)
-        {
-            return Err(Error::invalid(
-                "shard logits",
-                format!(
-                    "every teacher must give the same non-zero number of rows x {classes} values"
-                ),
-            ));
-        }
-        let rows = values / classes;
-        let start = self.next_example();
-        let end = start + rows;
+        let block = ShardLogits::new(
+            self.next_example(),
+            head.num_classes,
+            &head.teachers,
+            logits,
+        )?;
+        let (start, end) = (block.start, block.start + block.rows);
         if end > head.num_examples {
             return Err(Error::invalid(
                 "shard logits",
@@ -135,7 +116,8 @@ impl TransferSetWriter {
                 ),
             ));
         }
-        let bytes = encode_shard(encoding, start, rows, classes, teachers, logits)?;
+        let bytes = encode_shard(head.encoding, &block)?;
+        let rows = block.rows;
         let index = self.manifest.len();
         let file = shard_file_name(index);
         let written = self.put(&file, bytes, PutMode::Overwrite)?;
@@ -220,19 +202,67 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
     Ok(json)
 }
 
-/// The bytes of one shard stored as `encoding`: `logits[k]` holds teacher
-/// k's logits (`rows * classes`, row-major) for examples `start..start +
-/// rows`. Deterministic: the same arguments give the same bytes.
-pub fn encode_shard(
-    encoding: Encoding,
-    start: usize,
-    rows: usize,
-    classes: usize,
-    teachers: &[String],
-    logits: &[&[f32]],
-) -> Result<Vec<u8>> {
+/// Teachers' raw logits for consecutive examples: what one shard stores.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardLogits<'a> {
+    /// The first example.
+    pub start: usize,
+    /// Examples (rows of every teacher's block).
+    pub rows: usize,
+    /// Values per row.
+    pub classes: usize,
+    /// The column names (teacher ids), one per block of `logits`.
+    pub teachers: &'a [String],
+    /// `logits[k]`: teacher k's `rows * classes` values, row-major.
+    pub logits: &'a [&'a [f32]],
+}
+
+impl<'a> ShardLogits<'a> {
+    /// Logits for the examples from `start` on, checked: one non-empty
+    /// block per teacher, all of the same whole number of rows.
+    pub fn new(
+        start: usize,
+        classes: usize,
+        teachers: &'a [String],
+        logits: &'a [&'a [f32]],
+    ) -> Result<Self> {
+        if logits.len() != teachers.len() {
+            return Err(Error::invalid(
+                "shard logits",
+                format!(
+                    "{} teachers' logits given, the transfer set has {}",
+                    logits.len(),
+                    teachers.len()
+                ),
+            ));
+        }
+        let values = logits.first().map_or(0, |l| l.len());
+        if values == 0
+            || !values.is_multiple_of(classes)
+            || logits.iter().any(|l| l.len() != values)
+        {
+            return Err(Error::invalid(
+                "shard logits",
+                format!(
+                    "every teacher must give the same non-zero number of rows x {classes} values"
+                ),
+            ));
+        }
+        Ok(ShardLogits {
+            start,
+            rows: values / classes,
+            classes,
+            teachers,
+            logits,
+        })
+    }
+}
+
+/// The bytes of one shard stored as `encoding`. Deterministic: the same
+/// logits give the same bytes.
+pub fn encode_shard(encoding: Encoding, block: &ShardLogits<'_>) -> Result<Vec<u8>> {
     match encoding {
-        Encoding::DenseF32 => dense::encode(start, rows, classes, teachers, logits),
+        Encoding::DenseF32 => dense::encode(block),
     }
 }
 

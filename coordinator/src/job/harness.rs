@@ -219,13 +219,7 @@ impl Harness {
         task: &Assignment,
         payload: &[u8],
     ) -> Result<ArtifactRef, JobError> {
-        let upload = Upload {
-            worker: worker.into(),
-            task: task.task_id.clone(),
-            attempt: task.attempt,
-            seconds: 1.0,
-            summary: serde_json::json!({}),
-        };
+        let upload = upload_header(worker, task);
         self.shared.check_upload(&upload, kind)?;
         self.shared
             .accept(kind, &upload, Bytes::copy_from_slice(payload))
@@ -308,17 +302,24 @@ fn checkpoint_bytes() -> Vec<u8> {
     .unwrap()
 }
 
+/// The header of an upload by `worker` for its lease `task`.
+fn upload_header(worker: &str, task: &Assignment) -> Upload {
+    Upload {
+        worker: worker.into(),
+        task: task.task_id.clone(),
+        attempt: task.attempt,
+        seconds: 1.0,
+        summary: serde_json::json!({}),
+    }
+}
+
 fn shard_bytes(start: usize) -> Vec<u8> {
+    use common::transfer::{encode_shard, Encoding, ShardLogits};
     let logits = vec![0.0f32; 5 * 3];
-    common::transfer::encode_shard(
-        common::transfer::Encoding::DenseF32,
-        start,
-        5,
-        3,
-        &["teacher-0".into()],
-        &[&logits],
-    )
-    .unwrap()
+    let teachers = ["teacher-0".to_string()];
+    let views = [logits.as_slice()];
+    let block = ShardLogits::new(start, 3, &teachers, &views).unwrap();
+    encode_shard(Encoding::DenseF32, &block).unwrap()
 }
 
 /// A harness whose teacher-0 is done; returns it and the attempt used.
@@ -728,13 +729,7 @@ async fn an_upload_whose_caller_goes_away_is_still_stored_and_recorded() {
     let h = Harness::new();
     let w = h.register();
     let task = h.lease(&w).await;
-    let upload = Upload {
-        worker: w.clone(),
-        task: task.task_id.clone(),
-        attempt: task.attempt,
-        seconds: 1.0,
-        summary: serde_json::Value::Null,
-    };
+    let upload = upload_header(&w, &task);
     // The RPC is polled once and dropped at its first wait, as when the
     // worker is killed mid-request.
     let dropped = futures_util::FutureExt::now_or_never(h.shared.accept(
@@ -793,13 +788,7 @@ async fn a_checkpoint_of_an_attempt_that_expired_while_it_was_stored_is_dropped(
     let w1 = h.register();
     let w2 = h.register();
     let first = h.lease(&w1).await;
-    let upload = Upload {
-        worker: w1.clone(),
-        task: first.task_id.clone(),
-        attempt: first.attempt,
-        seconds: 1.0,
-        summary: serde_json::Value::Null,
-    };
+    let upload = upload_header(&w1, &first);
     // The header is accepted; then the lease expires and the task goes to
     // another worker before the payload is in.
     h.shared

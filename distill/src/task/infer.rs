@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use common::artifact::ArtifactName;
 use common::transfer::{
-    check_encoded_shard, encode_shard, soft_targets, Encoding, EnsembleCombine,
+    check_encoded_shard, encode_shard, soft_targets, Encoding, EnsembleCombine, ShardLogits,
 };
 use serde::{Deserialize, Serialize};
 
@@ -96,14 +96,9 @@ impl TaskKind for InferTask {
             tick(observer, logits.len(), started, rows.len() * logits.len())?;
         }
         let views: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
-        let payload = encode_shard(
-            Encoding::DenseF32,
-            self.start,
-            rows.len(),
-            train.num_classes(),
-            &self.columns(),
-            &views,
-        )?;
+        let columns = self.columns();
+        let block = ShardLogits::new(self.start, train.num_classes(), &columns, &views)?;
+        let payload = encode_shard(Encoding::DenseF32, &block)?;
         let summary = TimedSummary {
             seconds: started.elapsed().as_secs_f64(),
         };
