@@ -49,6 +49,10 @@ struct Args {
     /// program's folder).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Run every job's local workers on these GPUs (comma-separated; needs
+    /// a worker built with `--features cuda`) instead of the CPU.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     let paths = Paths {
         bin_dir,
         work_dir: args.work_dir.clone(),
+        gpus: args.gpus.clone(),
     };
     // Read once, before any result is written: writing results modifies
     // tracked files, which must not make the commit look dirty.

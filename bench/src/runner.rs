@@ -12,13 +12,15 @@ use anyhow::{bail, Context};
 
 use crate::experiment::{apply_edits, Experiment, Variant};
 
-/// Where things go.
+/// Where things go, and where the jobs' workers run.
 #[derive(Clone, Debug)]
 pub struct Paths {
     /// Folder of the `coordinator` and `worker` binaries.
     pub bin_dir: PathBuf,
     /// Jobs' folders and the task cache (`target/bench` by default).
     pub work_dir: PathBuf,
+    /// GPUs for the jobs' local workers (none: the CPU).
+    pub gpus: Vec<usize>,
 }
 
 impl Paths {
@@ -61,6 +63,15 @@ impl JobResult {
             .as_f64()
             .context("test_errors is not a number")
     }
+}
+
+/// The coordinator's arguments that put its local workers on `gpus`.
+fn gpu_args(gpus: &[usize]) -> Vec<String> {
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<String> = gpus.iter().map(usize::to_string).collect();
+    vec!["--local-worker-gpus".into(), list.join(",")]
 }
 
 /// Runs (or finds) the job of `variant` with `seed`.
@@ -109,6 +120,7 @@ pub fn run_job(
         .arg("--fresh")
         .args(["--local-workers", &exp.local_workers.to_string()])
         .args(["--local-worker-threads", &exp.worker_threads.to_string()])
+        .args(gpu_args(&paths.gpus))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -54,6 +54,8 @@ pub struct Options {
     pub local_workers: usize,
     /// Compute threads of each local worker.
     pub local_worker_threads: usize,
+    /// GPUs for the local workers, shared round-robin (none: on the CPU).
+    pub local_worker_gpus: Vec<usize>,
     /// Log format, passed on to local workers.
     pub log_format: common::logging::LogFormat,
     /// File holding the cluster token (else `DISTILL_CLUSTER_TOKEN`).
@@ -269,6 +271,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         Some(LocalWorkers::spawn(
             opts.local_workers,
             opts.local_worker_threads,
+            &opts.local_worker_gpus,
             opts.log_format,
             &url,
             token.as_ref(),

@@ -29,14 +29,26 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The device arguments of local worker `i`: `--gpu N` round-robin over
+/// `gpus`, or `--cpu` when there are none.
+fn device_args(i: usize, gpus: &[usize]) -> Vec<String> {
+    match gpus.get(i % gpus.len().max(1)) {
+        Some(gpu) => vec!["--gpu".into(), gpu.to_string()],
+        None => vec!["--cpu".into()],
+    }
+}
+
 impl LocalWorkers {
-    /// Starts `count` CPU workers with `threads` compute threads each,
+    /// Starts `count` workers with `threads` compute threads each, on the
+    /// CPU or, when `gpus` lists any, worker `i` on GPU `gpus[i % len]`;
     /// talking to `coordinator` with `token` (over TLS trusting `tls_ca`
     /// when given), logging in `log_format`, with scratch folders under
     /// `scratch_root`.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         count: usize,
         threads: usize,
+        gpus: &[usize],
         log_format: LogFormat,
         coordinator: &str,
         token: Option<&Token>,
@@ -47,9 +59,9 @@ impl LocalWorkers {
         let mut children = Vec::with_capacity(count);
         for i in 0..count {
             let mut cmd = Command::new(&binary);
-            cmd.arg("--coordinator")
+            cmd.args(device_args(i, gpus))
+                .arg("--coordinator")
                 .arg(coordinator)
-                .arg("--cpu")
                 .arg("--threads")
                 .arg(threads.to_string())
                 .arg("--scratch")
@@ -154,3 +166,18 @@ fn die_with_parent(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut Command) {}
+
+#[cfg(test)]
+mod tests {
+    use super::device_args;
+
+    #[test]
+    fn workers_share_the_gpus_round_robin_or_run_on_the_cpu() {
+        let on = |i, gpus: &[usize]| device_args(i, gpus).join(" ");
+        assert_eq!(on(0, &[]), "--cpu");
+        assert_eq!(on(3, &[]), "--cpu");
+        assert_eq!(on(0, &[2, 5]), "--gpu 2");
+        assert_eq!(on(1, &[2, 5]), "--gpu 5");
+        assert_eq!(on(2, &[2, 5]), "--gpu 2");
+    }
+}

@@ -34,6 +34,11 @@ struct Args {
     /// Compute threads per local worker (default: the cores divided among them).
     #[arg(long)]
     local_worker_threads: Option<usize>,
+    /// Run the local workers on these GPUs (comma-separated, shared
+    /// round-robin; needs a worker built with `--features cuda`) instead
+    /// of the CPU.
+    #[arg(long, value_delimiter = ',')]
+    local_worker_gpus: Vec<usize>,
     /// Log format: `text` or `json`.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -131,6 +136,7 @@ fn main() -> std::process::ExitCode {
         token_file: args.token_file,
         fresh: args.fresh,
         linger: Duration::from_secs_f64(args.linger.max(0.0)),
+        local_worker_gpus: args.local_worker_gpus,
         local_worker_threads: args
             .local_worker_threads
             .unwrap_or_else(|| (cores / args.local_workers.max(1)).max(1)),
