@@ -127,7 +127,7 @@ run_job() {
     tail -n 20 "$dir/coordinator.log" "$dir/worker.log"
     return "$status"
   fi
-  "$PYTHON" bench/gpu_summary.py "$dir" "$(echo "$ended - $started" | bc)" "$OUT_DIR/gpu.csv"
+  "$PYTHON" bench/gpu_summary.py "$dir" "$(awk -v a="$started" -v b="$ended" 'BEGIN { print b - a }')" "$OUT_DIR/gpu.csv"
 }
 
 echo "== job 1: bench/gpu/mnist-gpu.toml"
