@@ -8,7 +8,6 @@
 //! `?token=` query (a browser; the page passes it on to its own requests).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -21,6 +20,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use proto::auth::Token;
 
 use crate::job::SharedJob;
+use crate::report::{REPORT_JSON, REPORT_MD};
 
 /// The page itself: static HTML that renders `/api/status` every second.
 const PAGE: &str = include_str!("status_page.html");
@@ -28,10 +28,8 @@ const PAGE: &str = include_str!("status_page.html");
 /// What the handlers share.
 #[derive(Clone)]
 pub struct StatusServer {
-    /// The job.
+    /// The job (and its store, which holds the report files).
     pub shared: SharedJob,
-    /// The output folder (for the report files).
-    pub out: PathBuf,
     /// The Prometheus recorder's handle.
     pub metrics: PrometheusHandle,
     /// The token every request must carry, or `None` (loopback, or
@@ -101,7 +99,7 @@ async fn page() -> Html<&'static str> {
 }
 
 async fn status(State(server): State<Arc<StatusServer>>) -> Response {
-    let report = read_report(&server.out, "report.md").await;
+    let report = read_report(&server.shared, REPORT_MD).await;
     let snapshot = server.shared.status(report);
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(snapshot)).into_response()
 }
@@ -116,15 +114,15 @@ async fn metrics(State(server): State<Arc<StatusServer>>) -> Response {
 }
 
 async fn report_md(State(server): State<Arc<StatusServer>>) -> Response {
-    report_file(&server, "report.md", "text/markdown; charset=utf-8").await
+    report_file(&server, REPORT_MD, "text/markdown; charset=utf-8").await
 }
 
 async fn report_json(State(server): State<Arc<StatusServer>>) -> Response {
-    report_file(&server, "report.json", "application/json").await
+    report_file(&server, REPORT_JSON, "application/json").await
 }
 
 async fn report_file(server: &StatusServer, name: &str, kind: &'static str) -> Response {
-    match read_report(&server.out, name).await {
+    match read_report(&server.shared, name).await {
         Some(text) => ([(header::CONTENT_TYPE, kind)], text).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -134,7 +132,11 @@ async fn report_file(server: &StatusServer, name: &str, kind: &'static str) -> R
     }
 }
 
-/// A report file of a finished job (`None` while the job runs).
-async fn read_report(out: &std::path::Path, name: &str) -> Option<String> {
-    tokio::fs::read_to_string(out.join(name)).await.ok()
+/// A report file of a finished job, from the job's store (`None` while
+/// the job runs).
+async fn read_report(shared: &SharedJob, name: &str) -> Option<String> {
+    let bytes = common::blob::get_bytes(&**shared.store(), name)
+        .await
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }

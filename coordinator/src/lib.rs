@@ -19,6 +19,7 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod status_client;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use common::artifact::{ArtifactName, ArtifactRef};
-use common::blob::{self, BlobStore, LocalStore, PutMode};
+use common::blob::{self, BlobStore, PutMode};
 use common::dataset::bundle::encode_splits;
 use proto::auth::{RequireToken, Token, TOKEN_ENV};
 use proto::pb::coordinator_server::CoordinatorServer;
@@ -76,15 +77,11 @@ const RESUME_HINT: &str = "every finished task and the latest checkpoints are sa
 /// The state folder under the output folder.
 pub const STATE_DIR: &str = "state";
 
-/// What an earlier run leaves in the output folder besides its artifacts,
-/// which `--fresh` removes too.
-const RUN_OUTPUTS: [&str; 3] = [STATE_DIR, "report.json", "report.md"];
-
 /// How a job ended.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    /// Where `report.json` is.
-    pub report: PathBuf,
+    /// Where `report.json` is (a path, or a URL in a bucket).
+    pub report: String,
     /// The report.
     pub summary: String,
 }
@@ -105,9 +102,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let out = out
         .canonicalize()
         .with_context(|| format!("cannot resolve output_dir {}", out.display()))?;
-    let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(&out));
+    let store = storage::open(&cfg.storage, &out).await?;
     if opts.fresh {
-        remove_run_outputs(&out, &*store).await?;
+        remove_run_outputs(&out, &cfg.storage, &*store).await?;
     }
     let state = StateDb::open(&out.join(STATE_DIR))?;
     let resuming = state.has_job()?;
@@ -232,7 +229,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     // Tests and scripts read this line to find the port when listening on :0.
     println!("coordinator listening on {url}");
     let (status_url, status_stop, status_server) =
-        serve_status(&cfg, &opts, &shared, &out, token.as_ref()).await?;
+        serve_status(&cfg, &opts, &shared, token.as_ref()).await?;
     println!("status page on {status_url}");
     tracing::info!(%url, tasks, output_dir = %out.display(), "job planned, serving");
 
@@ -289,7 +286,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let result = supervise(&shared, &cfg, &mut local, &mut sigterm, &mut stop_asked).await;
     let result = match result {
         Ok(()) if cfg.load_test.is_some() => Ok(load_test_outcome(&shared, &out, started)),
-        Ok(()) => finish_report(&shared, &cfg, sizes, &out, started),
+        Ok(()) => finish_report(&shared, &cfg, sizes, started).await,
         Err(e) => Err(e),
     };
     // Let connected workers learn that the job is over before going away.
@@ -331,7 +328,6 @@ async fn serve_status(
     cfg: &ClusterConfig,
     opts: &Options,
     shared: &SharedJob,
-    out: &std::path::Path,
     token: Option<&Token>,
 ) -> anyhow::Result<(
     String,
@@ -356,7 +352,6 @@ async fn serve_status(
     }
     let server = http::StatusServer {
         shared: shared.clone(),
-        out: out.to_path_buf(),
         metrics: handle,
         token: http::token_for(&addr, token),
     };
@@ -384,32 +379,23 @@ fn coordinator_instance() -> u32 {
     u32::from_le_bytes(bytes)
 }
 
-/// Removes what an earlier run left in `out` (for `--fresh`): its artifacts
-/// in `store` and its state and report.
-async fn remove_run_outputs(out: &std::path::Path, store: &dyn BlobStore) -> anyhow::Result<()> {
-    let mut artifacts = 0;
-    for key in store.list("").await? {
-        if ArtifactName::from_key(&key).is_ok() {
-            store.remove(&key).await?;
-            artifacts += 1;
-        }
+/// Removes what an earlier run left (for `--fresh`): its objects in
+/// `store` and its state in `out`.
+async fn remove_run_outputs(
+    out: &std::path::Path,
+    storage: &config::StorageConfig,
+    store: &dyn BlobStore,
+) -> anyhow::Result<()> {
+    let removed = storage::remove_earlier_run(storage, store).await?;
+    if removed > 0 {
+        tracing::info!(objects = removed, store = %store.describe(), "--fresh: removed the earlier run's objects");
     }
-    if artifacts > 0 {
-        tracing::info!(artifacts, store = %store.describe(), "--fresh: removed the artifacts");
-    }
-    for name in RUN_OUTPUTS {
-        let path = out.join(name);
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        match removed {
-            Ok(()) => tracing::info!(path = %path.display(), "--fresh: removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("--fresh: cannot remove {}", path.display()))
-            }
+    let state = out.join(STATE_DIR);
+    match std::fs::remove_dir_all(&state) {
+        Ok(()) => tracing::info!(path = %state.display(), "--fresh: removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("--fresh: cannot remove {}", state.display()))
         }
     }
     Ok(())
@@ -567,16 +553,19 @@ fn load_test_outcome(shared: &SharedJob, out: &std::path::Path, started: Instant
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(tasks = done, seconds, "load test done");
     Outcome {
-        report: out.join(STATE_DIR).join(state::STATE_FILE),
+        report: out
+            .join(STATE_DIR)
+            .join(state::STATE_FILE)
+            .display()
+            .to_string(),
         summary: format!("load test: {done} no-op tasks done in {seconds:.1} s"),
     }
 }
 
-fn finish_report(
+async fn finish_report(
     shared: &SharedJob,
     cfg: &ClusterConfig,
     sizes: SplitSizes,
-    out: &std::path::Path,
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     let report = shared.with(|job| -> anyhow::Result<_> {
@@ -608,11 +597,12 @@ fn finish_report(
             started.elapsed().as_secs_f64(),
         ))
     })?;
-    report.write(out)?;
-    let path = out.join("report.json");
-    tracing::info!(report = %path.display(), "job done");
+    let store = shared.store();
+    report.write(&**store).await?;
+    let location = store.location(report::REPORT_JSON);
+    tracing::info!(report = %location, "job done");
     Ok(Outcome {
-        report: path,
+        report: location,
         summary: report.to_markdown(),
     })
 }

@@ -146,7 +146,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(coordinator::run(opts)) {
         Ok(outcome) => {
             println!("{}", outcome.summary);
-            println!("report: {}", outcome.report.display());
+            println!("report: {}", outcome.report);
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,16 +1,20 @@
 //! The job's report: `report.json` for machines and `report.md` for people,
 //! built from the evaluation task's results and the training tasks' records.
 
-use std::path::Path;
-
 use std::collections::HashMap;
 
+use common::blob::{self, BlobError, BlobStore, PutMode};
 use distill::model::ModelShape;
 use distill::specialists::ensemble::Clusters;
 use distill::task::{ModelEvaluation, TaskSummary};
 use serde::Serialize;
 
 use crate::config::ClusterConfig;
+
+/// The report's key in the job's store, as JSON and as Markdown.
+pub const REPORT_JSON: &str = "report.json";
+/// See [`REPORT_JSON`].
+pub const REPORT_MD: &str = "report.md";
 use crate::job::TaskRecord;
 use crate::plan::{Plan, Role, COMBINED, STUDENT, STUDENT_COMBINED};
 
@@ -405,11 +409,14 @@ impl Report {
         s
     }
 
-    /// Writes `report.json` and `report.md` into `dir` (atomically).
-    pub fn write(&self, dir: &Path) -> common::Result<()> {
+    /// Writes `report.json` and `report.md` into the job's store
+    /// (replacing a report of an earlier run: it is derived).
+    pub async fn write(&self, store: &dyn BlobStore) -> Result<(), BlobError> {
         let json = serde_json::to_vec_pretty(self).expect("a report serialises");
-        common::atomic_file::write_atomic(&dir.join("report.json"), &json)?;
-        common::atomic_file::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
+        blob::put_bytes(store, REPORT_JSON, json, PutMode::Overwrite).await?;
+        let md = self.to_markdown().into_bytes();
+        blob::put_bytes(store, REPORT_MD, md, PutMode::Overwrite).await?;
+        Ok(())
     }
 }
 
@@ -488,7 +495,12 @@ mod tests {
     fn roles_primary_student_and_training_seconds_come_out_right() {
         let text = "output_dir = \"o\"\n[dataset]\nsource = \"synthetic\"\n[teachers]\ncount = 2\n\
                     hidden = [8]\n[student]\nhidden = [4]\n[student.distill]\ntemperature = 3.0\n";
-        let cfg = ClusterConfig::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
+        let cfg = ClusterConfig::parse(
+            text,
+            std::path::Path::new("c.toml"),
+            std::path::Path::new("."),
+        )
+        .unwrap();
         let teachers = vec!["teacher-0".to_string(), "teacher-1".to_string()];
         let evaluations = vec![
             evaluation("teacher-0", &[1, 0]),

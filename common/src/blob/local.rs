@@ -67,6 +67,10 @@ impl BlobStore for LocalStore {
         format!("folder {}", self.root.display())
     }
 
+    fn location(&self, key: &str) -> String {
+        self.root.join(key).display().to_string()
+    }
+
     async fn put(
         &self,
         key: &str,

@@ -110,6 +110,11 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// The store in words, for messages (`folder /data/job`, `memory`).
     fn describe(&self) -> String;
 
+    /// Where object `key` is, for people: a path or a URL.
+    fn location(&self, key: &str) -> String {
+        format!("{} {key}", self.describe())
+    }
+
     /// Writes the object `key` from `data`, hashing while writing. Nothing
     /// is visible under `key` until every byte is durably written; a failed
     /// put leaves the old object (or none).

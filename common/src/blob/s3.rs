@@ -73,6 +73,9 @@ impl S3Store {
     /// The store of `settings`, with credentials from the environment.
     /// Nothing is contacted yet (see [`S3Store::probe`]).
     pub fn new(settings: &S3Settings) -> Result<Self, BlobError> {
+        // The HTTP client's TLS uses the process's rustls provider: ring,
+        // the one tonic uses (an error only means one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&settings.bucket)
             .with_region(&settings.region)
@@ -202,6 +205,10 @@ impl S3Store {
 impl BlobStore for S3Store {
     fn describe(&self) -> String {
         self.settings.describe()
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.settings.bucket, self.path(key))
     }
 
     async fn put(

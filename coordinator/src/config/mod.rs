@@ -12,6 +12,7 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use common::blob::S3Settings;
 pub use common::dataset::source::DatasetSource;
 use common::dataset::source::SourceOptions;
 use common::dataset::synthetic::SyntheticSpec;
@@ -326,6 +327,25 @@ pub struct ClusterConfig {
     /// A load test of the coordinator instead of the job: only no-op tasks.
     #[serde(default)]
     pub load_test: Option<LoadTestConfig>,
+    /// Where the artifacts live (`[storage]`; the output folder by default).
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: where models, checkpoints, the transfer set, the dataset
+/// bundle and the report live. The job's state always stays in the output
+/// folder.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// The output folder (`kind = "local"`).
+    #[default]
+    Local,
+    /// An S3 bucket (`kind = "s3"`, with `bucket`, `prefix`, `endpoint`,
+    /// `region`, `allow_http`); the job's objects go under
+    /// `<prefix>/<job>/`, where the job is the output folder's name.
+    /// Credentials come from the environment, never from this file.
+    S3(S3Settings),
 }
 
 /// `[load_test]`: the job is `tasks` no-op tasks (the other tables are
@@ -524,6 +544,33 @@ hidden = [16]
         assert_eq!(cfg.transfer_shards, 8);
         assert_eq!(cfg.baseline_train(), &cfg.student.train);
         assert_eq!(cfg.teachers.shape(), ModelShape::Mlp { hidden: vec![64] });
+    }
+
+    #[test]
+    fn storage_is_the_folder_by_default_or_a_bucket_with_exactly_its_keys() {
+        assert_eq!(parse(MINIMAL).unwrap().storage, StorageConfig::Local);
+        let s3 = "[storage]\nkind = \"s3\"\nbucket = \"b\"\nprefix = \"team/runs\"\n\
+                  endpoint = \"http://127.0.0.1:8333\"\nregion = \"us-east-1\"\nallow_http = true\n";
+        let cfg = parse(&format!("{MINIMAL}{s3}")).unwrap();
+        let StorageConfig::S3(settings) = &cfg.storage else {
+            panic!("{:?}", cfg.storage)
+        };
+        assert_eq!(settings.bucket, "b");
+        assert_eq!(settings.prefix, "team/runs");
+        for (edit, key) in [
+            (s3.replace("allow_http = true\n", ""), "allow_http"),
+            (s3.replace("team/runs", "/team"), "storage.prefix"),
+            (
+                s3.replace("bucket = \"b\"", "bucket = \"\""),
+                "storage.bucket",
+            ),
+            (format!("{s3}secret_key = \"x\"\n"), "secret_key"),
+            (s3.replace("\"s3\"", "\"gcs\""), "gcs"),
+            (s3.replace("region = \"us-east-1\"\n", ""), "region"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{edit}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

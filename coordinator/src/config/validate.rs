@@ -8,7 +8,7 @@ use std::path::Path;
 use distill::hparams::TrainConfig;
 use distill::task::BiasShift;
 
-use super::{ClusterConfig, ConfigError};
+use super::{ClusterConfig, ConfigError, StorageConfig};
 
 /// A key and what is wrong with its value.
 struct Problem {
@@ -39,10 +39,54 @@ impl ClusterConfig {
     /// Checks every value; the error names the key and the allowed values.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         self.validate_operational()
+            .and_then(|()| self.validate_storage())
             .and_then(|()| self.validate_dataset())
             .and_then(|()| self.validate_models())
             .and_then(|()| self.validate_transfer())
             .map_err(|p| p.at(path))
+    }
+
+    /// `[storage]`: an S3 bucket needs a bucket and a region, and a prefix
+    /// of plain names.
+    fn validate_storage(&self) -> Result<(), Problem> {
+        let StorageConfig::S3(s3) = &self.storage else {
+            return Ok(());
+        };
+        if s3.bucket.trim().is_empty() {
+            return Err(invalid("storage.bucket", "must name the bucket".into()));
+        }
+        if s3.region.trim().is_empty() {
+            return Err(invalid(
+                "storage.region",
+                "must name the bucket's region (such as \"us-east-1\")".into(),
+            ));
+        }
+        let plain = |part: &str| !part.is_empty() && part != "." && part != "..";
+        if !s3.prefix.is_empty() && !s3.prefix.split('/').all(plain) {
+            return Err(invalid(
+                "storage.prefix",
+                format!(
+                    "{:?} must be '/'-separated plain names, without a leading or trailing '/'",
+                    s3.prefix
+                ),
+            ));
+        }
+        if let Some(endpoint) = &s3.endpoint {
+            let http = endpoint.starts_with("http://");
+            if !http && !endpoint.starts_with("https://") {
+                return Err(invalid(
+                    "storage.endpoint",
+                    format!("{endpoint:?} must be an http:// or https:// URL"),
+                ));
+            }
+            if http && !s3.allow_http {
+                return Err(invalid(
+                    "storage.endpoint",
+                    format!("{endpoint:?} is plain HTTP: set allow_http = true to use it"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Addresses, shards, leases, attempts, intervals and limits.

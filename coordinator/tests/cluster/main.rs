@@ -28,6 +28,7 @@ use proto::auth::TOKEN_ENV;
 mod faults;
 mod jobs;
 mod requests;
+mod s3;
 mod security;
 mod status;
 
