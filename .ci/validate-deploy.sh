@@ -42,13 +42,13 @@ validate() {
 }
 
 shopt -s nullglob
-manifests=(deploy/*.yaml)
+manifests=(deploy/*.yaml deploy/s3/*.yaml)
 if [ "${#manifests[@]}" -eq 0 ]; then
   echo "no manifests in deploy/" >&2
   exit 1
 fi
 validate "${manifests[@]}"
-echo "kubernetes-validate 1.37.0 --strict (Kubernetes ${kubernetes_versions[*]}): ${#manifests[@]} manifests valid"
+echo "kubernetes-validate 1.37.0 --strict (Kubernetes ${kubernetes_versions[*]}): ${#manifests[@]} manifests valid (deploy/ and the S3 variant deploy/s3/)"
 
 # The check must catch broken manifests: an unknown field, a wrong type, a
 # kind without a schema. None of them is written to deploy/.

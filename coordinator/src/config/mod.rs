@@ -733,10 +733,11 @@ hidden = [16]
         assert!(seen >= 5, "{seen} example configs in {}", dir.display());
     }
 
-    /// The cluster.toml inside `deploy/configmap.yaml` is a valid config.
-    #[test]
-    fn the_deploy_config_map_holds_a_valid_config() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configmap.yaml");
+    /// The cluster.toml inside a ConfigMap of `deploy/` (`file` below it).
+    fn deploy_config(file: &str) -> ClusterConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file);
         let yaml = std::fs::read_to_string(&path).unwrap();
         let (_, block) = yaml
             .split_once("  cluster.toml: |\n")
@@ -746,11 +747,31 @@ hidden = [16]
             .take_while(|l| l.is_empty() || l.starts_with("    "))
             .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or("")))
             .collect();
-        let cfg =
-            ClusterConfig::parse(&text, &path, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+        ClusterConfig::parse(&text, &path, Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The cluster.toml inside `deploy/configmap.yaml` is a valid config,
+    /// and so is the S3 variant's, which differs only by its `[storage]`.
+    #[test]
+    fn the_deploy_config_maps_hold_valid_configs() {
+        let cfg = deploy_config("configmap.yaml");
         assert_eq!(cfg.output_dir, Path::new("/data/job"));
         assert_eq!(cfg.listen, "0.0.0.0:50051");
         assert_eq!(cfg.status_listen, "0.0.0.0:8080");
+        assert_eq!(cfg.storage, StorageConfig::Local);
+        let s3 = deploy_config("s3/configmap.yaml");
+        assert!(
+            matches!(s3.storage, StorageConfig::S3(_)),
+            "{:?}",
+            s3.storage
+        );
+        assert_eq!(
+            ClusterConfig {
+                storage: StorageConfig::Local,
+                ..s3
+            },
+            cfg
+        );
     }
 
     #[test]
