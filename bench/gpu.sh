@@ -58,7 +58,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT_DIR
 cat "$OUT_DIR/gpu.csv"
 
 echo "== CUDA libraries from Python's NVIDIA wheels"
-
 command -v "$PYTHON" > /dev/null || fail "no $PYTHON to find the NVIDIA wheels' libraries with"
 # Every folder holding shared libraries under the `nvidia` namespace package
 # (nvidia/cu13/lib for CUDA 13 wheels, nvidia/<name>/lib for CUDA 12 ones).

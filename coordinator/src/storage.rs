@@ -26,7 +26,7 @@ pub fn job_name(out: &Path) -> String {
 /// The bucket settings of this job: `prefix` extended by the job's name.
 pub fn job_settings(s3: &S3Settings, out: &Path) -> S3Settings {
     let job = job_name(out);
-    let prefix = match s3.prefix.trim_matches('/') {
+    let prefix = match s3.prefix.as_str() {
         "" => job,
         prefix => format!("{prefix}/{job}"),
     };

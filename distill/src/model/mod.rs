@@ -57,13 +57,6 @@ impl ModelShape {
             )?)),
         }
     }
-
-    /// The family.
-    pub fn family(&self) -> Family {
-        match self {
-            ModelShape::Mlp { .. } => Family::Mlp,
-        }
-    }
 }
 
 /// A model's family and complete shape: what a model file or checkpoint
@@ -80,13 +73,6 @@ impl Architecture {
     pub fn input_dim(&self) -> usize {
         match self {
             Architecture::Mlp(spec) => spec.input_dim,
-        }
-    }
-
-    /// Output classes.
-    pub fn num_classes(&self) -> usize {
-        match self {
-            Architecture::Mlp(spec) => spec.num_classes,
         }
     }
 
