@@ -5,7 +5,9 @@ from Python (boto3 + safetensors + numpy, nothing of ours):
 
 JOB_PREFIX is `<prefix>/<job>` of the job's `[storage]`; credentials come
 from the AWS_* variables. Starts from the manifest's fixed key
-`<JOB_PREFIX>/transfer/manifest.json`, fetches every shard it lists, checks
+`<JOB_PREFIX>/transfer/manifest.json`, fetches every shard it lists (by
+its `key`, the worker attempt that was committed; `transfer/<file>` when a
+manifest has no key), checks
 its sha256 and its rows against the manifest, and that every soft target
 at T = 1 (softmax of the stored logits) is a distribution. Exits non-zero
 on any mismatch."""
@@ -29,7 +31,7 @@ def main():
     classes, teachers = manifest["num_classes"], manifest["teachers"]
     rows = 0
     for entry in manifest["shards"]:
-        data = get(f"transfer/{entry['file']}")
+        data = get(entry.get("key") or f"transfer/{entry['file']}")
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
         tensors = load(data)
         index = tensors["example_index"]

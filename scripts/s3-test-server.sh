@@ -35,6 +35,8 @@ PY
 [ -n "$S3_TEST_BASE" ] || { echo "no free ports for the S3 test server"; return 1 2> /dev/null || exit 1; }
 S3_TEST_DIR=$(mktemp -d)
 export DISTILL_TEST_S3_BUCKET=distill-test
+# The binary itself, for tests that start (and kill) a server of their own.
+export DISTILL_TEST_WEED="$S3_TEST_VENV/bin/weed"
 export DISTILL_TEST_S3_ENDPOINT="http://127.0.0.1:$((S3_TEST_BASE + 3))"
 export AWS_ACCESS_KEY_ID="distill-test"
 AWS_SECRET_ACCESS_KEY="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"

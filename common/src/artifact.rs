@@ -186,7 +186,8 @@ impl<'de> Deserialize<'de> for ArtifactName {
     }
 }
 
-/// A stored artifact: what it is, the sha256 of its bytes and their length.
+/// A stored artifact: what it is, the sha256 of its bytes, their length
+/// and, when it is not at its name's key, the key it is stored under.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactRef {
     /// Which artifact.
@@ -195,6 +196,32 @@ pub struct ArtifactRef {
     pub sha256: String,
     /// Length in bytes.
     pub size: u64,
+    /// The object's key when it is not [`ArtifactName::key`]: the attempt
+    /// a worker wrote straight to the bucket ([`attempt_key`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl ArtifactRef {
+    /// The key of the object holding it.
+    pub fn stored_key(&self) -> String {
+        self.key.clone().unwrap_or_else(|| self.name.key())
+    }
+}
+
+/// Where objects written by workers go before the coordinator commits one:
+/// every attempt's output has a key of its own, so a stale or killed
+/// attempt can never overwrite a committed object.
+pub const ATTEMPTS: &str = "attempts/";
+
+/// The key of `name` as attempt `attempt` writes it:
+/// `attempts/<name's key>/<attempt>`. A checkpoint adds the epochs it holds
+/// (`<attempt>.<epochs>`), since one attempt writes several.
+pub fn attempt_key(name: &ArtifactName, attempt: u64, epochs_done: Option<usize>) -> String {
+    match epochs_done {
+        Some(epochs) => format!("{ATTEMPTS}{}/{attempt}.{epochs}", name.key()),
+        None => format!("{ATTEMPTS}{}/{attempt}", name.key()),
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +277,35 @@ mod tests {
             let json = serde_json::to_string(&name).unwrap();
             assert_eq!(serde_json::from_str::<ArtifactName>(&json).unwrap(), name);
         }
+    }
+
+    #[test]
+    fn attempts_have_keys_of_their_own_under_attempts() {
+        let model = ArtifactName::Model("teacher-0".into());
+        assert_eq!(
+            attempt_key(&model, 17, None),
+            "attempts/models/teacher-0.safetensors/17"
+        );
+        let checkpoint = ArtifactName::Checkpoint("teacher-0".into());
+        assert_eq!(
+            attempt_key(&checkpoint, 17, Some(3)),
+            "attempts/checkpoints/teacher-0.safetensors/17.3"
+        );
+        let stored = ArtifactRef {
+            name: model.clone(),
+            sha256: "0".repeat(64),
+            size: 1,
+            key: None,
+        };
+        assert_eq!(stored.stored_key(), model.key());
+        let direct = ArtifactRef {
+            key: Some(attempt_key(&model, 17, None)),
+            ..stored
+        };
+        assert_eq!(
+            direct.stored_key(),
+            "attempts/models/teacher-0.safetensors/17"
+        );
     }
 
     #[test]

@@ -39,6 +39,20 @@ pub struct CachedResult {
     pub seconds: f64,
 }
 
+/// An entry found in the cache without reading its result (see
+/// [`TaskCache::find`]).
+#[derive(Clone, Debug)]
+pub struct CachedEntry {
+    /// sha256 of the result, as recorded when it was kept.
+    pub sha256: String,
+    /// Its length (checked against the stored object).
+    pub size: u64,
+    /// The worker's summary when it ran the task.
+    pub summary: serde_json::Value,
+    /// Seconds the compute took when it ran.
+    pub seconds: f64,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Meta {
     sha256: String,
@@ -108,6 +122,66 @@ impl TaskCache {
         }
     }
 
+    /// The entry under `key` if it is complete and its result has the
+    /// recorded length; the result is not read (see
+    /// [`TaskCache::copy_result`]: in a bucket it is copied on the server,
+    /// and its readers verify it).
+    pub async fn find(&self, key: &str) -> Option<CachedEntry> {
+        let store = &*self.store;
+        let meta = blob::get_bytes(store, &format!("{key}/meta.json"))
+            .await
+            .ok()?;
+        let meta: Meta = serde_json::from_slice(&meta).ok()?;
+        match store.size(&format!("{key}/result.bin")).await {
+            Ok(Some(size)) if size == meta.size => Some(CachedEntry {
+                sha256: meta.sha256,
+                size: meta.size,
+                summary: meta.summary,
+                seconds: meta.seconds,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Copies the result under `key` to `to` in `target`.
+    pub async fn copy_result(
+        &self,
+        key: &str,
+        target: &dyn BlobStore,
+        to: &str,
+    ) -> Result<(), blob::BlobError> {
+        blob::copy(&*self.store, &format!("{key}/result.bin"), target, to).await
+    }
+
+    /// Keeps object `from` of `source` (with `sha256` and `size`) as the
+    /// result under `key`, copied without passing through this process
+    /// when both are the same bucket.
+    pub async fn keep(
+        &self,
+        key: &str,
+        source: &dyn BlobStore,
+        from: &str,
+        stored: &CachedEntry,
+    ) -> Result<(), blob::BlobError> {
+        let store = &*self.store;
+        blob::copy(source, from, store, &format!("{key}/result.bin")).await?;
+        let meta = Meta {
+            sha256: stored.sha256.clone(),
+            size: stored.size,
+            summary: stored.summary.clone(),
+            seconds: stored.seconds,
+        };
+        let meta = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+        blob::put_bytes(store, &format!("{key}/meta.json"), meta, PutMode::Overwrite).await?;
+        Ok(())
+    }
+
+    /// Deletes the entry under `key` (its result was found corrupt).
+    pub async fn forget(&self, key: &str) {
+        let _ = self.store.remove(&format!("{key}/meta.json")).await;
+        let _ = self.store.remove(&format!("{key}/result.bin")).await;
+    }
+
     /// Stores a result under `key` (replacing any entry there).
     pub async fn put(
         &self,
@@ -157,6 +231,7 @@ mod tests {
             name,
             sha256: sha256.into(),
             size: 1,
+            key: None,
         }
     }
 
@@ -199,5 +274,36 @@ mod tests {
             .unwrap();
         std::fs::remove_file(dir.path().join("j/meta.json")).unwrap();
         assert!(cache.get("j").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn entries_are_kept_and_handed_out_by_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = TaskCache::open(&dir.path().join("cache"));
+        let job = LocalStore::new(&dir.path().join("job"));
+        let written = blob::put_bytes(&job, "attempts/m/1", b"model".to_vec(), PutMode::Overwrite)
+            .await
+            .unwrap();
+        let entry = CachedEntry {
+            sha256: written.sha256.clone(),
+            size: written.size,
+            summary: serde_json::json!({"s": 1}),
+            seconds: 3.0,
+        };
+        cache.keep("k", &job, "attempts/m/1", &entry).await.unwrap();
+        let found = cache.find("k").await.unwrap();
+        assert_eq!((found.sha256, found.size), (written.sha256, 5));
+        cache.copy_result("k", &job, "attempts/m/2").await.unwrap();
+        assert_eq!(
+            blob::get_bytes(&job, "attempts/m/2").await.unwrap(),
+            b"model"
+        );
+        std::fs::write(dir.path().join("cache/k/result.bin"), b"longer model").unwrap();
+        assert!(
+            cache.find("k").await.is_none(),
+            "a result of another length is no hit"
+        );
+        cache.forget("k").await;
+        assert!(!dir.path().join("cache/k/meta.json").exists());
     }
 }

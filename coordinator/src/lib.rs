@@ -36,7 +36,7 @@ use proto::pb::coordinator_server::CoordinatorServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, StorageConfig};
 use crate::job::SharedJob;
 use crate::job::{DatasetFacts, Job, LeasePolicy};
 use crate::local_workers::LocalWorkers;
@@ -171,6 +171,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         name: ArtifactName::Dataset,
         sha256: written.sha256,
         size: written.size,
+        key: None,
     };
 
     let plan = plan::plan(&cfg, sizes.train)?;
@@ -191,10 +192,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         state.attempt_floor()?,
         coordinator_instance(),
     );
-    let cache = cfg.cache_dir.as_ref().map(|dir| {
-        tracing::info!(dir = %dir.display(), "task cache in use");
-        crate::cache::TaskCache::open(dir)
-    });
+    let cache = cfg
+        .cache_dir
+        .as_ref()
+        .map(|dir| storage::open_cache(&cfg.storage, dir, &*store));
     let tasks = job.scheduler.len();
     let shared = SharedJob::new(
         job,
@@ -214,10 +215,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             "resuming the job from its state"
         );
     }
+    shared.sweep_attempts().await?;
     let settings = Settings {
         heartbeat_ms: cfg.heartbeat_interval_ms as u32,
         checkpoint_ms: (cfg.checkpoint_interval_secs * 1000.0) as u32,
         max_artifact_bytes: cfg.max_artifact_mib << 20,
+        storage: match &cfg.storage {
+            StorageConfig::S3(s3) => Some(storage::job_settings(s3, &out)),
+            StorageConfig::Local => None,
+        },
     };
 
     let tls = server_tls(&cfg, &opts)?;
@@ -284,6 +290,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let mut sigterm = terminate_signal()?;
     let mut stop_asked = false;
     let result = supervise(&shared, &cfg, &mut local, &mut sigterm, &mut stop_asked).await;
+    if let Err(e) = shared.sweep_attempts().await {
+        tracing::warn!(error = %e, "could not delete the objects of uncommitted attempts");
+    }
     let result = match result {
         Ok(()) if cfg.load_test.is_some() => Ok(load_test_outcome(&shared, &out, started)),
         Ok(()) => finish_report(&shared, &cfg, sizes, started).await,

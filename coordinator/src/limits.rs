@@ -151,15 +151,38 @@ pub fn heartbeat(req: &pb::HeartbeatRequest) -> Result<(), Status> {
 pub fn failure(report: &mut pb::FailureReport) -> Result<(), Status> {
     id("worker_id", &report.worker_id)?;
     id("task_id", &report.task_id)?;
-    if report.error.len() > MAX_ERROR_BYTES {
+    truncate_error(&mut report.error);
+    Ok(())
+}
+
+/// Cuts a worker's error message to [`MAX_ERROR_BYTES`].
+pub fn truncate_error(error: &mut String) {
+    if error.len() > MAX_ERROR_BYTES {
         let mut end = MAX_ERROR_BYTES;
-        while !report.error.is_char_boundary(end) {
+        while !error.is_char_boundary(end) {
             end -= 1;
         }
-        report.error.truncate(end);
-        report.error.push_str(" […]");
+        error.truncate(end);
+        error.push_str(" […]");
     }
-    Ok(())
+}
+
+/// Checks a worker's report of an object it wrote to the bucket: the same
+/// bounds as an upload's header, and a key.
+pub fn stored_object(o: &pb::StoredObject, max_bytes: u64) -> Result<(), Status> {
+    id("key", &o.key)?;
+    upload_header(
+        &pb::UploadHeader {
+            worker_id: o.worker_id.clone(),
+            task_id: o.task_id.clone(),
+            attempt: o.attempt,
+            sha256: o.sha256.clone(),
+            size: o.size,
+            seconds: o.seconds,
+            summary_json: o.summary_json.clone(),
+        },
+        max_bytes,
+    )
 }
 
 #[cfg(test)]

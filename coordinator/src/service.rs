@@ -5,17 +5,18 @@
 
 use bytes::Bytes;
 use common::artifact::{ArtifactName, ArtifactRef};
+use common::blob::S3Settings;
 use common::checksum::sha256_hex;
 use futures_util::StreamExt;
 use proto::pb::{self, coordinator_server::Coordinator};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::job::{self, JobError, SharedJob, UploadKind};
+use crate::job::{self, JobError, Reported, SharedJob, UploadKind};
 use crate::limits;
 
 /// What the service tells workers and enforces.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// How often to heartbeat while running a task, in ms.
     pub heartbeat_ms: u32,
@@ -23,6 +24,9 @@ pub struct Settings {
     pub checkpoint_ms: u32,
     /// Largest upload (result or checkpoint), in bytes.
     pub max_artifact_bytes: u64,
+    /// The bucket (with the job's prefix) that workers read and write
+    /// directly; `None`: they move artifacts through the coordinator.
+    pub storage: Option<S3Settings>,
 }
 
 /// Maps a job error to a gRPC status: the one place that decides codes.
@@ -44,10 +48,38 @@ pub fn status(e: JobError) -> Status {
 /// An artifact reference on the wire.
 fn to_wire(a: ArtifactRef) -> pb::ArtifactRef {
     pb::ArtifactRef {
+        key: a.stored_key(),
         name: a.name.to_string(),
         sha256: a.sha256,
         size: a.size,
     }
+}
+
+fn storage(s: &S3Settings) -> pb::StorageSettings {
+    pb::StorageSettings {
+        bucket: s.bucket.clone(),
+        prefix: s.prefix.clone(),
+        endpoint: s.endpoint.clone().unwrap_or_default(),
+        region: s.region.clone(),
+        allow_http: s.allow_http,
+    }
+}
+
+fn reported(o: &pb::StoredObject) -> (job::Upload, Reported) {
+    let upload = job::Upload {
+        worker: o.worker_id.clone(),
+        task: o.task_id.clone(),
+        attempt: o.attempt,
+        seconds: o.seconds,
+        summary: serde_json::from_slice(&o.summary_json).unwrap_or(serde_json::Value::Null),
+    };
+    let reported = Reported {
+        key: o.key.clone(),
+        sha256: o.sha256.clone(),
+        size: o.size,
+        epochs_done: o.epochs_done as usize,
+    };
+    (upload, reported)
 }
 
 fn capabilities(c: pb::Capabilities) -> job::Capabilities {
@@ -110,6 +142,30 @@ impl CoordinatorService {
     /// A service over `shared`.
     pub fn new(shared: SharedJob, settings: Settings) -> Self {
         CoordinatorService { shared, settings }
+    }
+
+    /// Takes a worker's report of an object it wrote to the bucket.
+    async fn commit_reported(
+        &self,
+        request: Request<pb::StoredObject>,
+        kind: UploadKind,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let object = request.into_inner();
+        limits::stored_object(&object, self.settings.max_artifact_bytes)?;
+        if self.settings.storage.is_none() {
+            return Err(Status::failed_precondition(
+                "this job's artifacts are not in a bucket: upload them with UploadResult",
+            ));
+        }
+        let (upload, reported) = reported(&object);
+        let stored = self
+            .shared
+            .commit_reported(kind, &upload, reported)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UploadResponse {
+            stored: Some(to_wire(stored)),
+        }))
     }
 
     /// Receives an upload and hands it to the job.
@@ -207,6 +263,7 @@ impl Coordinator for CoordinatorService {
             heartbeat_interval_ms: self.settings.heartbeat_ms,
             checkpoint_interval_ms: self.settings.checkpoint_ms,
             job: self.shared.name().to_string(),
+            storage: self.settings.storage.as_ref().map(storage),
         }))
     }
 
@@ -251,6 +308,40 @@ impl Coordinator for CoordinatorService {
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
         self.store_upload(request, UploadKind::Checkpoint).await
+    }
+
+    async fn commit_result(
+        &self,
+        request: Request<pb::StoredObject>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        self.commit_reported(request, UploadKind::Result).await
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::StoredObject>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        self.commit_reported(request, UploadKind::Checkpoint).await
+    }
+
+    async fn report_lost_artifact(
+        &self,
+        request: Request<pb::LostArtifact>,
+    ) -> Result<Response<pb::LostArtifactResponse>, Status> {
+        let mut req = request.into_inner();
+        limits::id("worker_id", &req.worker_id)?;
+        limits::id("name", &req.name)?;
+        limits::truncate_error(&mut req.problem);
+        let name: ArtifactName = req
+            .name
+            .parse()
+            .map_err(|e: common::artifact::NotAnArtifact| Status::not_found(e.to_string()))?;
+        let regenerating = self
+            .shared
+            .reported_lost(&req.worker_id, &name, &req.problem)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LostArtifactResponse { regenerating }))
     }
 
     async fn report_failure(

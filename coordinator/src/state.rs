@@ -370,6 +370,7 @@ mod tests {
                 name: ArtifactName::Model("teacher-0".into()),
                 sha256: sha.into(),
                 size: 7,
+                key: None,
             },
             seconds: 1.5,
             summary: serde_json::json!({"epochs": 2}),
@@ -404,6 +405,7 @@ mod tests {
                     name: ArtifactName::Checkpoint("student".into()),
                     sha256: "cc".into(),
                     size: 9,
+                    key: None,
                 },
                 epochs_done: 4,
             };

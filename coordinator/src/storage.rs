@@ -11,6 +11,7 @@ use anyhow::Context;
 use common::artifact::ArtifactName;
 use common::blob::{BlobStore, LocalStore, S3Settings, S3Store};
 
+use crate::cache::TaskCache;
 use crate::config::StorageConfig;
 use crate::report::{REPORT_JSON, REPORT_MD};
 
@@ -44,7 +45,9 @@ pub async fn open(storage: &StorageConfig, out: &Path) -> anyhow::Result<Arc<dyn
             let settings = job_settings(s3, out);
             let store = S3Store::new(&settings)
                 .with_context(|| format!("[storage] {}", settings.describe()))?;
-            store.probe(PROBE_KEY).await.with_context(|| {
+            let quick = S3Store::impatient(&settings)
+                .with_context(|| format!("[storage] {}", settings.describe()))?;
+            quick.probe(PROBE_KEY).await.with_context(|| {
                 format!(
                     "[storage] {}: the start-up check (write, read back and delete {PROBE_KEY:?}) failed; \
                      check the bucket, the endpoint and the AWS_* credentials",
@@ -53,6 +56,28 @@ pub async fn open(storage: &StorageConfig, out: &Path) -> anyhow::Result<Arc<dyn
             })?;
             tracing::info!(store = %settings.describe(), "artifacts in S3");
             Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The task cache of `cache_dir`: the folder, or with S3 the key prefix
+/// `<prefix>/<cache_dir>` of the job's bucket (`store`), where results are
+/// kept and handed out by copies on the server.
+pub fn open_cache(storage: &StorageConfig, cache_dir: &Path, store: &dyn BlobStore) -> TaskCache {
+    match (storage, store.as_s3()) {
+        (StorageConfig::S3(s3), Some(bucket)) => {
+            let dir = cache_dir.to_string_lossy();
+            let prefix = match s3.prefix.as_str() {
+                "" => dir.into_owned(),
+                prefix => format!("{prefix}/{dir}"),
+            };
+            let cache = bucket.with_prefix(&prefix);
+            tracing::info!(cache = %cache.describe(), "task cache in use");
+            TaskCache::in_store(Arc::new(cache))
+        }
+        _ => {
+            tracing::info!(dir = %cache_dir.display(), "task cache in use");
+            TaskCache::open(cache_dir)
         }
     }
 }

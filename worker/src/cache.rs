@@ -78,6 +78,7 @@ mod tests {
             name: ArtifactName::Model("x".into()),
             sha256: sha256_hex(bytes),
             size: bytes.len() as u64,
+            key: None,
         }
     }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::artifact::ArtifactRef;
+use common::blob::{S3Settings, Written};
 use common::checksum::sha256_hex;
 use proto::auth::{AttachToken, Token};
 use proto::pb::{self, coordinator_client::CoordinatorClient};
@@ -130,7 +131,47 @@ pub fn artifact_ref(wire: &pb::ArtifactRef) -> anyhow::Result<ArtifactRef> {
         )?,
         sha256: wire.sha256.clone(),
         size: wire.size,
+        key: (!wire.key.is_empty()).then(|| wire.key.clone()),
     })
+}
+
+/// The bucket settings the coordinator gave at registration.
+pub fn storage(wire: &pb::StorageSettings) -> S3Settings {
+    S3Settings {
+        bucket: wire.bucket.clone(),
+        prefix: wire.prefix.clone(),
+        endpoint: (!wire.endpoint.is_empty()).then(|| wire.endpoint.clone()),
+        region: wire.region.clone(),
+        allow_http: wire.allow_http,
+    }
+}
+
+/// Offers an object this worker wrote to the bucket (`key`, as `written`)
+/// for commit as its result or checkpoint (of `epochs_done` epochs).
+pub async fn commit(
+    client: &mut Client,
+    kind: UploadKind,
+    meta: UploadMeta,
+    key: String,
+    written: &Written,
+    epochs_done: usize,
+) -> Result<pb::UploadResponse, tonic::Status> {
+    let object = pb::StoredObject {
+        worker_id: meta.worker_id,
+        task_id: meta.task_id,
+        attempt: meta.attempt,
+        key,
+        sha256: written.sha256.clone(),
+        size: written.size,
+        seconds: meta.seconds,
+        summary_json: meta.summary_json,
+        epochs_done: epochs_done as u32,
+    };
+    let response = match kind {
+        UploadKind::Result => client.commit_result(object).await?,
+        UploadKind::Checkpoint => client.commit_checkpoint(object).await?,
+    };
+    Ok(response.into_inner())
 }
 
 /// Downloads artifact `name` and checks it against `expected`.

@@ -1,8 +1,9 @@
 //! A worker of a distillation job: it registers with the coordinator, then
 //! leases tasks until the coordinator says the job is over. Everything it
 //! needs (the dataset, teacher models, transfer shards) it downloads from
-//! the coordinator and caches by checksum ([`cache`]); compute runs on a
-//! thread of its own while the async runtime heartbeats ([`runner`]).
+//! the coordinator, or with S3 reads from the job's bucket, and caches by
+//! checksum ([`cache`]); compute runs on a thread of its own while the
+//! async runtime heartbeats ([`runner`]).
 
 pub mod cache;
 pub mod client;
@@ -85,6 +86,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Exit> {
     };
     let (client, registered) = register(&opts, &caps).await?;
     tracing::info!(worker = %registered.worker_id, job = %registered.job, "registered");
+    let store = open_bucket(&registered).await?;
     // Every later line (the compute thread's too) names this worker.
     let span = tracing::info_span!("worker", id = %registered.worker_id);
     let state = WorkerState {
@@ -92,6 +94,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Exit> {
         heartbeat: Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10))),
         checkpoint_interval: Duration::from_millis(u64::from(registered.checkpoint_interval_ms)),
         cache,
+        store,
         scratch: opts.scratch.clone(),
         device,
         dataset: None,
@@ -123,6 +126,7 @@ async fn serve(
                 // The coordinator no longer knows us (it restarted): join again.
                 let (c, r) = register(opts, caps).await?;
                 client = c;
+                state.store = open_bucket(&r).await?;
                 state.worker_id = r.worker_id;
                 continue;
             }
@@ -160,6 +164,31 @@ async fn serve(
             None => anyhow::bail!("the coordinator sent an empty lease response"),
         }
     }
+}
+
+/// The job's bucket when the coordinator says workers read and write it
+/// directly, with credentials from this worker's environment, checked
+/// (write, read back, delete a probe object) so that a worker that cannot
+/// reach it stops at once and says why.
+async fn open_bucket(
+    registered: &pb::RegisterResponse,
+) -> anyhow::Result<Option<std::sync::Arc<common::blob::S3Store>>> {
+    let Some(wire) = &registered.storage else {
+        return Ok(None);
+    };
+    let settings = client::storage(wire);
+    let store = common::blob::S3Store::new(&settings)
+        .with_context(|| format!("the job's bucket {}", settings.describe()))?;
+    let probe = format!("probes/{}", registered.worker_id);
+    store.probe(&probe).await.with_context(|| {
+        format!(
+            "the job's artifacts are in {}, and this worker cannot use it (write, read back and delete {probe:?}); \
+             give it the bucket's credentials in its AWS_* environment",
+            settings.describe()
+        )
+    })?;
+    tracing::info!(store = %settings.describe(), "reading and writing artifacts in the bucket");
+    Ok(Some(std::sync::Arc::new(store)))
 }
 
 /// Serves the standard gRPC health service on `addr` (SERVING while the

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::Device;
-use common::artifact::{ArtifactName, ArtifactRef};
+use common::artifact::{attempt_key, ArtifactName, ArtifactRef};
+use common::blob::{self, BlobError, BlobStore, PutMode, S3Store};
 use common::dataset::bundle::decode_splits;
 use common::dataset::Splits;
 use distill::checkpoint::TrainCheckpoint;
@@ -33,6 +34,9 @@ pub struct WorkerState {
     pub checkpoint_interval: Duration,
     /// Downloaded artifacts.
     pub cache: ArtifactCache,
+    /// The job's bucket, when the coordinator says to read and write it
+    /// directly.
+    pub store: Option<Arc<S3Store>>,
     /// Scratch folder (transfer sets are assembled here).
     pub scratch: PathBuf,
     /// The compute device.
@@ -59,7 +63,7 @@ struct Observer {
 struct CheckpointSink {
     interval: Duration,
     last: Instant,
-    uploads: tokio::sync::mpsc::Sender<Vec<u8>>,
+    uploads: tokio::sync::mpsc::Sender<(usize, Vec<u8>)>,
 }
 
 impl Observer {
@@ -107,7 +111,7 @@ impl TrainObserver for Observer {
     }
 
     fn on_checkpoint(&mut self, checkpoint: TrainCheckpoint) -> distill::Result<()> {
-        let bytes = checkpoint.to_bytes()?;
+        let bytes = (checkpoint.epochs_done, checkpoint.to_bytes()?);
         if self.shutdown.stopping() {
             // The last one before stopping: wait for room, then stop.
             let _ = self.checkpoints.uploads.blocking_send(bytes);
@@ -153,9 +157,10 @@ pub async fn run_task(
         progress.clone(),
         cancel.clone(),
     ));
-    let (checkpoints, uploads) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let (checkpoints, uploads) = tokio::sync::mpsc::channel::<(usize, Vec<u8>)>(1);
     let uploader = tokio::spawn(upload_checkpoints(
         client.clone(),
+        state.store.clone(),
         UploadMeta {
             worker_id: state.worker_id.clone(),
             task_id: task_id.clone(),
@@ -180,7 +185,9 @@ pub async fn run_task(
     {
         tracing::warn!(task = %task_id, "gave up uploading the last checkpoint");
     }
-    heartbeats.abort();
+    if result.is_err() {
+        heartbeats.abort();
+    }
     let seconds = started.elapsed().as_secs_f64();
     match result {
         Ok(output) => {
@@ -191,14 +198,50 @@ pub async fn run_task(
                 seconds,
                 summary_json: serde_json::to_vec(&output.summary).expect("summary serialises"),
             };
-            let size = output.payload.len() as u64;
-            match client::upload(client, UploadKind::Result, meta, output.payload).await {
-                Ok(_) => {
+            let sent = match (&state.store, output_of(&assignment)) {
+                (Some(store), Some(name)) => {
+                    let key = attempt_key(&name, attempt, None);
+                    send_to_bucket(
+                        client,
+                        store,
+                        UploadKind::Result,
+                        meta,
+                        key,
+                        output.payload,
+                        0,
+                    )
+                    .await
+                }
+                _ => {
+                    let size = output.payload.len() as u64;
+                    let sent =
+                        client::upload(client, UploadKind::Result, meta, output.payload).await;
+                    if sent.is_ok() {
+                        metrics::counter!("distill_worker_bytes_uploaded_total").increment(size);
+                    }
+                    sent.map(drop).map_err(Unsent::Refused)
+                }
+            };
+            // Heartbeats kept the lease while the result was on its way (a
+            // bucket that is slow or restarting must not expire it).
+            heartbeats.abort();
+            match sent {
+                Ok(()) => {
                     tracing::info!(task = %task_id, attempt, seconds, "task finished");
                     metrics::counter!("distill_worker_tasks_completed_total").increment(1);
-                    metrics::counter!("distill_worker_bytes_uploaded_total").increment(size);
                 }
-                Err(s)
+                Err(Unsent::Store(e)) => {
+                    report_failure(
+                        client,
+                        state,
+                        &task_id,
+                        attempt,
+                        format!("writing the result to the bucket failed: {e}"),
+                        false,
+                    )
+                    .await?
+                }
+                Err(Unsent::Refused(s))
                     if matches!(
                         s.code(),
                         tonic::Code::FailedPrecondition | tonic::Code::Aborted
@@ -208,11 +251,11 @@ pub async fn run_task(
                     // forgot it: the task runs again under a new lease.
                     tracing::warn!(task = %task_id, attempt, "result refused: {}", s.message())
                 }
-                Err(s) if crate::is_transient(&s) => {
+                Err(Unsent::Refused(s)) if crate::is_transient(&s) => {
                     // The coordinator will expire the lease and re-run the task.
                     tracing::warn!(task = %task_id, attempt, "upload failed, the coordinator is unreachable: {}", s.message())
                 }
-                Err(s) => {
+                Err(Unsent::Refused(s)) => {
                     report_failure(
                         client,
                         state,
@@ -246,6 +289,43 @@ pub async fn run_task(
         }
     }
     Ok(())
+}
+
+/// Why a result or checkpoint did not reach the coordinator.
+enum Unsent {
+    /// Writing it to the bucket failed (after the S3 client's retries).
+    Store(BlobError),
+    /// The coordinator refused it or could not be reached.
+    Refused(tonic::Status),
+}
+
+/// The artifact `assignment`'s task makes (`None` if its spec does not
+/// parse, which running it reports).
+fn output_of(assignment: &pb::TaskAssignment) -> Option<ArtifactName> {
+    serde_json::from_slice::<TaskSpec>(&assignment.spec_json)
+        .ok()
+        .map(|spec| spec.output())
+}
+
+/// Writes `payload` to the bucket under `key` (hashed while it streams,
+/// in parts when large), then offers it to the coordinator for commit.
+async fn send_to_bucket(
+    client: &mut Client,
+    store: &S3Store,
+    kind: UploadKind,
+    meta: UploadMeta,
+    key: String,
+    payload: Vec<u8>,
+    epochs_done: usize,
+) -> Result<(), Unsent> {
+    let written = blob::put_bytes(store, &key, payload, PutMode::Overwrite)
+        .await
+        .map_err(Unsent::Store)?;
+    metrics::counter!("distill_worker_bucket_bytes_written_total").increment(written.size);
+    client::commit(client, kind, meta, key, &written, epochs_done)
+        .await
+        .map(drop)
+        .map_err(Unsent::Refused)
 }
 
 /// Gives a task back to the coordinator because the worker is stopping.
@@ -335,18 +415,45 @@ async fn report_failure(
 /// training ends (the channel closes).
 async fn upload_checkpoints(
     mut client: Client,
+    store: Option<Arc<S3Store>>,
     meta: UploadMeta,
-    mut uploads: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut uploads: tokio::sync::mpsc::Receiver<(usize, Vec<u8>)>,
 ) {
-    while let Some(bytes) = uploads.recv().await {
+    while let Some((epochs_done, bytes)) = uploads.recv().await {
         let size = bytes.len();
-        match client::upload(&mut client, UploadKind::Checkpoint, meta.clone(), bytes).await {
-            Ok(_) => {
-                tracing::info!(task = %meta.task_id, bytes = size, "checkpoint uploaded");
-                metrics::counter!("distill_worker_checkpoints_uploaded_total").increment(1);
-                metrics::counter!("distill_worker_bytes_uploaded_total").increment(size as u64);
+        let sent = match &store {
+            Some(store) => {
+                let name = ArtifactName::Checkpoint(meta.task_id.clone());
+                let key = attempt_key(&name, meta.attempt, Some(epochs_done));
+                send_to_bucket(
+                    &mut client,
+                    store,
+                    UploadKind::Checkpoint,
+                    meta.clone(),
+                    key,
+                    bytes,
+                    epochs_done,
+                )
+                .await
             }
-            Err(s) => {
+            None => {
+                let sent =
+                    client::upload(&mut client, UploadKind::Checkpoint, meta.clone(), bytes).await;
+                if sent.is_ok() {
+                    metrics::counter!("distill_worker_bytes_uploaded_total").increment(size as u64);
+                }
+                sent.map(drop).map_err(Unsent::Refused)
+            }
+        };
+        match sent {
+            Ok(()) => {
+                tracing::info!(task = %meta.task_id, bytes = size, epochs_done, "checkpoint uploaded");
+                metrics::counter!("distill_worker_checkpoints_uploaded_total").increment(1);
+            }
+            Err(Unsent::Store(e)) => {
+                tracing::warn!(task = %meta.task_id, "checkpoint upload failed: {e}")
+            }
+            Err(Unsent::Refused(s)) => {
                 tracing::warn!(task = %meta.task_id, "checkpoint upload failed: {}", s.message())
             }
         }
@@ -395,11 +502,67 @@ async fn fetch(
     if let Some(bytes) = state.cache.read_verified(artifact).await {
         return Ok(bytes);
     }
-    let bytes = client::download(client, &state.worker_id, artifact).await?;
-    metrics::counter!("distill_worker_bytes_downloaded_total").increment(bytes.len() as u64);
+    let bytes = match (&state.store, &artifact.key) {
+        (Some(store), Some(key)) => read_from_bucket(client, state, store, key, artifact).await?,
+        _ => {
+            let bytes = client::download(client, &state.worker_id, artifact).await?;
+            metrics::counter!("distill_worker_bytes_downloaded_total")
+                .increment(bytes.len() as u64);
+            bytes
+        }
+    };
     state.cache.store(artifact, &bytes).await?;
     tracing::info!(artifact = %artifact.name, bytes = bytes.len(), "downloaded");
     Ok(bytes)
+}
+
+/// Reads input `artifact` from the bucket under `key`, verifying its
+/// sha256. One that is missing or does not match is reported to the
+/// coordinator, which checks it and regenerates it; the task then fails
+/// (it is given again once its input is back).
+async fn read_from_bucket(
+    client: &mut Client,
+    state: &WorkerState,
+    store: &S3Store,
+    key: &str,
+    artifact: &ArtifactRef,
+) -> anyhow::Result<Vec<u8>> {
+    let problem = match blob::get_verified(store, key, &artifact.sha256).await {
+        Ok(bytes) if bytes.len() as u64 == artifact.size => {
+            metrics::counter!("distill_worker_bucket_bytes_read_total")
+                .increment(bytes.len() as u64);
+            return Ok(bytes);
+        }
+        Ok(bytes) => format!("{} bytes long, {} were stored", bytes.len(), artifact.size),
+        Err(e @ (BlobError::NotFound { .. } | BlobError::Corrupt { .. })) => e.to_string(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading {} from the bucket", artifact.name))
+        }
+    };
+    let location = store.location(key);
+    tracing::warn!(artifact = %artifact.name, %location, %problem, "an input read from the bucket is lost; telling the coordinator");
+    let answer = client
+        .report_lost_artifact(pb::LostArtifact {
+            worker_id: state.worker_id.clone(),
+            name: artifact.name.to_string(),
+            problem: problem.clone(),
+        })
+        .await;
+    match answer {
+        Ok(r) if r.get_ref().regenerating => anyhow::bail!(
+            "input {} ({location}) is lost: {problem}; the coordinator is making it again",
+            artifact.name
+        ),
+        Ok(_) => anyhow::bail!(
+            "input {} ({location}) read as lost ({problem}), but the coordinator finds it intact",
+            artifact.name
+        ),
+        Err(s) => anyhow::bail!(
+            "input {} ({location}) is lost: {problem}; telling the coordinator failed: {}",
+            artifact.name,
+            s.message()
+        ),
+    }
 }
 
 async fn execute(
@@ -472,6 +635,9 @@ async fn execute(
         Some(assemble_transfer_set(state, &transfer_files)?)
     };
     let device = state.device.clone();
+    // With the bucket the coordinator does not read the result: check it
+    // here, as the coordinator would.
+    let check_with_classes = state.store.is_some().then(|| splits.train.num_classes());
     let phase = match &spec {
         TaskSpec::Train(_) => "training",
         TaskSpec::Infer(_) => "inference",
@@ -498,7 +664,12 @@ async fn execute(
             transfer_dir,
             clusters,
         };
-        spec.execute(&inputs, &device, &mut observer)
+        let output = spec.execute(&inputs, &device, &mut observer)?;
+        if let Some(classes) = check_with_classes {
+            spec.check_output(&output.payload, classes)
+                .map_err(|reason| anyhow::anyhow!("the result fails its check: {reason}"))?;
+        }
+        anyhow::Ok(output)
     })
     .await
     .context("the compute thread panicked")??;

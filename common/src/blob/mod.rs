@@ -83,6 +83,18 @@ pub enum BlobError {
         /// The sha256 of the bytes read.
         found: String,
     },
+    /// A create-only put found other bytes under the key.
+    #[error("{store}: {key:?} already holds different bytes (sha256 {found}, {expected} was to be written)")]
+    Differs {
+        /// The store, in words.
+        store: String,
+        /// The key.
+        key: String,
+        /// The sha256 of what was to be written.
+        expected: String,
+        /// The sha256 of what is there.
+        found: String,
+    },
     /// Reading or writing failed.
     #[error("{store}: {key:?}: {source}")]
     Io {
@@ -131,6 +143,63 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// The keys that start with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BlobError>;
+
+    /// This store as a bucket, for copies that stay on the server.
+    fn as_s3(&self) -> Option<&S3Store> {
+        None
+    }
+}
+
+/// Writes `bytes` as object `key` unless it exists; an object already
+/// there (a put whose commit was lost, a retry) counts as written if it
+/// holds the same bytes, and is [`BlobError::Differs`] otherwise.
+pub async fn put_once(
+    store: &dyn BlobStore,
+    key: &str,
+    bytes: impl Into<Bytes>,
+) -> Result<Written, BlobError> {
+    let bytes: Bytes = bytes.into();
+    match put_bytes(store, key, bytes.clone(), PutMode::CreateOnly).await {
+        Err(BlobError::AlreadyExists { .. }) => {
+            let expected = hex::encode(Sha256::digest(&bytes));
+            let there = get_bytes(store, key).await?;
+            let found = hex::encode(Sha256::digest(&there));
+            if found == expected {
+                Ok(Written {
+                    sha256: found,
+                    size: there.len() as u64,
+                })
+            } else {
+                Err(BlobError::Differs {
+                    store: store.describe(),
+                    key: key.to_string(),
+                    expected,
+                    found,
+                })
+            }
+        }
+        written => written,
+    }
+}
+
+/// Copies object `from` of `source` to `to` of `target` (replacing what is
+/// there): on the server when both are the same bucket, through this
+/// process otherwise.
+pub async fn copy(
+    source: &dyn BlobStore,
+    from: &str,
+    target: &dyn BlobStore,
+    to: &str,
+) -> Result<(), BlobError> {
+    if let (Some(s), Some(t)) = (source.as_s3(), target.as_s3()) {
+        if let Some(copied) = t.copy_from(s, from, to).await {
+            return copied;
+        }
+    }
+    target
+        .put(to, source.get(from).await?, PutMode::Overwrite)
+        .await
+        .map(drop)
 }
 
 /// A stream of one chunk: `bytes`.
@@ -191,6 +260,20 @@ pub async fn get_verified(
     Ok(bytes)
 }
 
+/// The sha256 of object `key`, hashed as it streams (never held whole).
+pub async fn sha256_of(store: &dyn BlobStore, key: &str) -> Result<String, BlobError> {
+    let mut data = store.get(key).await?;
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = data.next().await {
+        hasher.update(chunk.map_err(|source| BlobError::Io {
+            store: store.describe(),
+            key: key.to_string(),
+            source,
+        })?);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Checks that `key` is relative, '/'-separated and made of plain names.
 pub(crate) fn check_key(key: &str) -> Result<(), BlobError> {
     let plain =
@@ -240,6 +323,36 @@ mod contract {
             get_bytes(&*store, "models/a.safetensors").await.unwrap(),
             b"two"
         );
+
+        // A put-once of the same bytes succeeds, of others names the key.
+        let again = put_once(&*store, "models/a.safetensors", b"two".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(again.sha256, crate::checksum::sha256_hex(b"two"));
+        let err = put_once(&*store, "models/a.safetensors", b"three".to_vec())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BlobError::Differs { key, .. } if key == "models/a.safetensors"),
+            "{err}"
+        );
+        put_once(&*store, "models/c.safetensors", b"c".to_vec())
+            .await
+            .unwrap();
+        copy(
+            &*store,
+            "models/c.safetensors",
+            &*store,
+            "models/d.safetensors",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            get_bytes(&*store, "models/d.safetensors").await.unwrap(),
+            b"c"
+        );
+        store.remove("models/c.safetensors").await.unwrap();
+        store.remove("models/d.safetensors").await.unwrap();
 
         // Create-only refuses an existing key and changes nothing.
         let err = put_bytes(

@@ -14,13 +14,15 @@
 //! config file, and are never logged.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode as S3PutMode, PutOptions, PutPayload, WriteMultipart,
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode as S3PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -31,6 +33,22 @@ use super::{check_key, BlobError, BlobStore, ByteStream, PutMode, Written};
 pub const PART_BYTES: usize = 8 << 20;
 /// Parts of one upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+
+/// How long a request is retried.
+#[derive(Clone, Copy, Debug)]
+pub struct Retries {
+    /// Retries at most.
+    pub attempts: usize,
+    /// Within this time of the first try.
+    pub within: Duration,
+}
+
+/// The retries of [`S3Store::new`]: backoff from 0.1 s doubling to 5 s, for
+/// up to two minutes.
+pub const PATIENT_RETRIES: Retries = Retries {
+    attempts: 40,
+    within: Duration::from_secs(120),
+};
 
 /// Where the bucket is: everything but the credentials.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,12 +89,42 @@ pub struct S3Store {
 
 impl S3Store {
     /// The store of `settings`, with credentials from the environment.
-    /// Nothing is contacted yet (see [`S3Store::probe`]).
+    /// Nothing is contacted yet (see [`S3Store::probe`]). A request that
+    /// fails for want of a connection or with a server error is retried
+    /// with backoff for up to [`PATIENT_RETRIES`]'s two minutes, so that a
+    /// server restarting mid-job costs time, not work.
     pub fn new(settings: &S3Settings) -> Result<Self, BlobError> {
+        Self::with_retries(settings, PATIENT_RETRIES)
+    }
+
+    /// As [`S3Store::new`], giving up after a few quick retries: for the
+    /// start-up check, which should say at once that an endpoint is
+    /// unreachable.
+    pub fn impatient(settings: &S3Settings) -> Result<Self, BlobError> {
+        Self::with_retries(
+            settings,
+            Retries {
+                attempts: 3,
+                within: Duration::from_secs(10),
+            },
+        )
+    }
+
+    fn with_retries(settings: &S3Settings, retries: Retries) -> Result<Self, BlobError> {
         // The HTTP client's TLS uses the process's rustls provider: ring,
         // the one tonic uses (an error only means one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: retries.attempts,
+            retry_timeout: retries.within,
+        };
         let mut builder = AmazonS3Builder::from_env()
+            .with_retry(retry)
             .with_bucket_name(&settings.bucket)
             .with_region(&settings.region)
             .with_allow_http(settings.allow_http);
@@ -111,6 +159,46 @@ impl S3Store {
             ));
         }
         Ok(())
+    }
+
+    /// The same bucket and client under another prefix.
+    pub fn with_prefix(&self, prefix: &str) -> S3Store {
+        S3Store {
+            store: self.store.clone(),
+            settings: S3Settings {
+                prefix: prefix.trim_matches('/').to_string(),
+                ..self.settings.clone()
+            },
+        }
+    }
+
+    /// The settings this store was opened with (no credentials in them).
+    pub fn settings(&self) -> &S3Settings {
+        &self.settings
+    }
+
+    /// Copies `from` of `source` to `to` of this store on the server;
+    /// `None` when `source` is another bucket or server.
+    pub async fn copy_from(
+        &self,
+        source: &S3Store,
+        from: &str,
+        to: &str,
+    ) -> Option<Result<(), BlobError>> {
+        let same = source.settings.bucket == self.settings.bucket
+            && source.settings.endpoint == self.settings.endpoint;
+        if !same {
+            return None;
+        }
+        let checked = check_key(from).and_then(|()| check_key(to));
+        Some(match checked {
+            Err(e) => Err(e),
+            Ok(()) => self
+                .store
+                .copy(&source.path(from), &self.path(to))
+                .await
+                .map_err(|e| source.map_err(from, e)),
+        })
     }
 
     fn path(&self, key: &str) -> ObjectPath {
@@ -171,6 +259,7 @@ impl S3Store {
             .put_multipart(&path)
             .await
             .map_err(|e| self.map_err(key, e))?;
+        tracing::info!(location = %self.location(key), "multipart upload started");
         let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         for chunk in first {
             upload.put(chunk);
@@ -205,6 +294,10 @@ impl S3Store {
 impl BlobStore for S3Store {
     fn describe(&self) -> String {
         self.settings.describe()
+    }
+
+    fn as_s3(&self) -> Option<&S3Store> {
+        Some(self)
     }
 
     fn location(&self, key: &str) -> String {

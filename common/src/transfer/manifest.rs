@@ -127,6 +127,11 @@ pub struct ShardEntry {
     pub rows: usize,
     /// sha256 of the file's bytes, lowercase hex.
     pub sha256: String,
+    /// The object's key under the job's root when it is not
+    /// `transfer/<file>`: with S3, the attempt whose output was committed
+    /// (`attempts/transfer/<file>/<attempt>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A manifest in the making: what the transfer set holds, and its shards'
@@ -353,6 +358,7 @@ mod tests {
             end: i * 2 + 2,
             rows: 2,
             sha256: SHA.into(),
+            key: None,
         };
         let mut b = ManifestBuilder::new("fp", 4, 3, vec!["t".into()], Encoding::DenseF32, 2);
         b.stored(1, entry(1));

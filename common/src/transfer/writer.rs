@@ -127,6 +127,7 @@ impl TransferSetWriter {
             end,
             rows,
             sha256: written.sha256,
+            key: None,
         };
         self.manifest.stored(index, entry.clone());
         Ok(entry)
@@ -189,6 +190,7 @@ pub fn check_encoded_shard(
         end: range.end,
         rows: range.len(),
         sha256: sha256_hex(bytes),
+        key: None,
     })
 }
 

@@ -321,7 +321,8 @@ pub struct ClusterConfig {
     /// Folder of finished tasks' results, keyed by a hash of the task and
     /// its inputs: a task already run with the same spec, seed and data is
     /// taken from here instead of being run again (relative to the config
-    /// file; none by default).
+    /// file; none by default). With `[storage] kind = "s3"` it is a key
+    /// prefix under the bucket's `prefix` instead.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
     /// A load test of the coordinator instead of the job: only no-op tasks.
@@ -451,7 +452,8 @@ impl ClusterConfig {
         if let Some(dir) = &cfg.dataset.dir {
             cfg.dataset.dir = Some(base.join(dir));
         }
-        if let Some(dir) = &cfg.cache_dir {
+        // With S3 the cache is a key prefix in the bucket, not a folder.
+        if let (Some(dir), StorageConfig::Local) = (&cfg.cache_dir, &cfg.storage) {
             cfg.cache_dir = Some(base.join(dir));
         }
         if let Some(tls) = &mut cfg.tls {

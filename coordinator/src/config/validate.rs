@@ -62,6 +62,18 @@ impl ClusterConfig {
             ));
         }
         let plain = |part: &str| !part.is_empty() && part != "." && part != "..";
+        if let Some(dir) = &self.cache_dir {
+            let dir = dir.to_string_lossy();
+            if dir.starts_with('/') || !dir.split('/').all(plain) {
+                return Err(invalid(
+                    "cache_dir",
+                    format!(
+                        "{dir:?}: with [storage] kind = \"s3\" the task cache is a key prefix in the bucket \
+                         ('/'-separated plain names, under storage.prefix), not a folder"
+                    ),
+                ));
+            }
+        }
         if !s3.prefix.is_empty() && !s3.prefix.split('/').all(plain) {
             return Err(invalid(
                 "storage.prefix",

@@ -60,6 +60,21 @@ impl Expected {
         }
     }
 
+    /// What a reported object is, when that can be told without reading
+    /// it (see [`TaskSpec::checked_unread`]); `None`: read and
+    /// [`Expected::validate`] it.
+    pub fn validate_unread(&self, reported: &super::uploads::Reported) -> Option<Validated> {
+        match self.kind {
+            UploadKind::Checkpoint => Some(Validated::Checkpoint {
+                epochs_done: reported.epochs_done,
+            }),
+            UploadKind::Result => self
+                .spec
+                .checked_unread(&reported.sha256)
+                .map(Validated::Result),
+        }
+    }
+
     /// Decodes `payload` and checks that it is what the task makes.
     pub fn validate(&self, payload: &[u8]) -> Result<Validated, JobError> {
         let bad = |reason: String| JobError::BadResult {
@@ -179,20 +194,23 @@ impl Job {
     }
 
     /// Takes up a stored and committed checkpoint of `expected`'s attempt,
-    /// if it is still current.
+    /// if it is still current. Returns the checkpoint it replaces when that
+    /// is another object, which is to be deleted.
     pub fn take_checkpoint(
         &mut self,
         expected: &Expected,
         stored: ArtifactRef,
         epochs_done: usize,
         now: Duration,
-    ) -> Result<(), JobError> {
+    ) -> Result<Option<ArtifactRef>, JobError> {
         self.scheduler
             .check_current(expected.task, expected.attempt)?;
         tracing::info!(task = %expected.task_id, attempt = expected.attempt, epochs_done, bytes = stored.size, "checkpoint stored");
         metrics::counter!("distill_checkpoints_stored_total").increment(1);
+        let key = stored.stored_key();
+        let replaced = self.forget_artifact(&stored.name);
         self.record_artifact(stored);
         self.checkpoint_times.insert(expected.task_id.clone(), now);
-        Ok(())
+        Ok(replaced.filter(|old| old.stored_key() != key))
     }
 }

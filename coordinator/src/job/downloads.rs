@@ -27,7 +27,7 @@ impl SharedJob {
                 .cloned()
                 .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
         })?;
-        let key = name.key();
+        let key = stored.stored_key();
         let problem = match self.store().size(&key).await {
             Ok(Some(size)) if size == stored.size => None,
             Ok(Some(size)) => Some(format!("{size} bytes long, {} were stored", stored.size)),

@@ -135,6 +135,7 @@ impl Harness {
                 name: ArtifactName::Dataset,
                 sha256: dataset.sha256,
                 size: dataset.size,
+                key: None,
             },
             LeasePolicy {
                 timeout: 10 * SECOND,
@@ -813,4 +814,205 @@ async fn a_checkpoint_of_an_attempt_that_expired_while_it_was_stored_is_dropped(
         .is_none());
     let (_, resumed) = h.restart().await;
     assert!(resumed.checkpoints.is_empty());
+}
+
+/// The key `task`'s attempt writes its result under in a bucket.
+fn attempt_key_of(task: &Assignment) -> String {
+    let spec: distill::task::TaskSpec = serde_json::from_slice(&task.spec_json).unwrap();
+    common::artifact::attempt_key(&spec.output(), task.attempt, None)
+}
+
+impl Harness {
+    /// What a worker does with S3: writes `payload` under its attempt's
+    /// key, then reports it.
+    async fn report(
+        &self,
+        worker: &str,
+        task: &Assignment,
+        payload: &[u8],
+    ) -> Result<ArtifactRef, JobError> {
+        let key = attempt_key_of(task);
+        let written = blob::put_bytes(
+            &*self.store.objects,
+            &key,
+            payload.to_vec(),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+        let reported = super::Reported {
+            key,
+            sha256: written.sha256,
+            size: written.size,
+            epochs_done: 0,
+        };
+        self.shared
+            .commit_reported(UploadKind::Result, &upload_header(worker, task), reported)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn a_result_written_to_the_bucket_is_committed_by_its_report_and_read_by_its_key() {
+    let h = Harness::new();
+    let w = h.register();
+    let teacher = h.lease(&w).await;
+    let stored = h.report(&w, &teacher, &model_bytes(1)).await.unwrap();
+    let key = format!("attempts/models/teacher-0.safetensors/{}", teacher.attempt);
+    assert_eq!(stored.key.as_deref(), Some(key.as_str()));
+    assert!(h.is_done("teacher-0"));
+    assert!(
+        h.object(&ArtifactName::Model("teacher-0".into()))
+            .await
+            .is_none(),
+        "nothing is written at the name's key"
+    );
+    let baseline = h.lease(&w).await;
+    h.report(&w, &baseline, &model_bytes(2)).await.unwrap();
+    let infer = h.lease(&w).await;
+    let model = infer
+        .inputs
+        .iter()
+        .find(|i| i.name == ArtifactName::Model("teacher-0".into()))
+        .unwrap();
+    assert_eq!(
+        model.stored_key(),
+        key,
+        "readers are given the committed key"
+    );
+    let (again, resumed) = h.restart().await;
+    assert!(resumed.restored.contains(&"teacher-0".to_string()));
+    assert_eq!(again.shared.sweep_attempts().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_report_of_another_key_size_or_attempt_is_refused_and_swept_later() {
+    let h = Harness::new();
+    let w1 = h.register();
+    let stale = h.lease(&w1).await;
+    let key = attempt_key_of(&stale);
+    let bytes = model_bytes(1);
+    let put = |key: String| {
+        let store = h.store.objects.clone();
+        let bytes = bytes.clone();
+        async move {
+            blob::put_bytes(&*store, &key, bytes, PutMode::Overwrite)
+                .await
+                .unwrap()
+        }
+    };
+    let written = put(key.clone()).await;
+    let report = |key: &str, size: u64| super::Reported {
+        key: key.to_string(),
+        sha256: written.sha256.clone(),
+        size,
+        epochs_done: 0,
+    };
+    let header = upload_header(&w1, &stale);
+    let commit = |reported| {
+        h.shared
+            .commit_reported(UploadKind::Result, &header, reported)
+    };
+    let other = "attempts/models/teacher-1.safetensors/1";
+    put(other.to_string()).await;
+    let err = commit(report(other, written.size)).await.unwrap_err();
+    assert!(err.to_string().contains("writes"), "{err}");
+    let err = commit(report(&key, written.size + 1)).await.unwrap_err();
+    assert!(err.to_string().contains("were reported"), "{err}");
+    h.store.objects.remove(&key).await.unwrap();
+    let err = commit(report(&key, written.size)).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    put(key.clone()).await;
+    // The lease expires; the stale attempt's report is refused.
+    h.shared.advance(20 * SECOND);
+    h.shared.with_now(|job, now| job.tick(now));
+    let w2 = h.register();
+    let fresh = h.lease(&w2).await;
+    assert_eq!(fresh.task_id, stale.task_id);
+    let err = commit(report(&key, written.size)).await.unwrap_err();
+    assert!(matches!(err, JobError::Refused(_)), "{err}");
+    h.report(&w2, &fresh, &model_bytes(1)).await.unwrap();
+    // What no commit names goes: the stale attempt and the stray object.
+    assert_eq!(h.shared.sweep_attempts().await.unwrap(), 2);
+    let left = h.store.objects.list("attempts/").await.unwrap();
+    assert_eq!(left, [attempt_key_of(&fresh)]);
+}
+
+#[tokio::test]
+async fn an_input_a_worker_finds_lost_in_the_bucket_is_checked_and_regenerated() {
+    let h = Harness::new();
+    let w = h.register();
+    let teacher = h.lease(&w).await;
+    let stored = h.report(&w, &teacher, &model_bytes(1)).await.unwrap();
+    let model = ArtifactName::Model("teacher-0".into());
+    let intact = h.shared.reported_lost(&w, &model, "a flaky read").await;
+    assert!(!intact.unwrap(), "an intact object is not regenerated");
+    assert!(h.is_done("teacher-0"));
+    let mut bytes = model_bytes(1);
+    bytes[9] ^= 1;
+    blob::put_bytes(
+        &*h.store.objects,
+        &stored.stored_key(),
+        bytes,
+        PutMode::Overwrite,
+    )
+    .await
+    .unwrap();
+    assert!(h.shared.reported_lost(&w, &model, "sha256").await.unwrap());
+    assert!(!h.is_done("teacher-0"));
+    let again = h.lease(&w).await;
+    assert_eq!(again.task_id, "teacher-0");
+    assert!(again.attempt > teacher.attempt);
+    let regenerated = h.report(&w, &again, &model_bytes(1)).await.unwrap();
+    assert_ne!(regenerated.stored_key(), stored.stored_key());
+    assert_eq!(
+        h.shared.sweep_attempts().await.unwrap(),
+        1,
+        "the corrupt object goes"
+    );
+}
+
+#[tokio::test]
+async fn shards_in_the_bucket_are_listed_by_key_and_a_lost_one_rewrites_the_manifest() {
+    let h = Harness::new();
+    let w = h.register();
+    for _ in 0..2 {
+        let task = h.lease(&w).await;
+        h.report(&w, &task, &model_bytes(1)).await.unwrap();
+    }
+    let mut shards = Vec::new();
+    for start in [0, 5] {
+        let task = h.lease(&w).await;
+        assert!(task.task_id.starts_with("infer-"), "{}", task.task_id);
+        shards.push(h.report(&w, &task, &shard_bytes(start)).await.unwrap());
+    }
+    let manifest = |h: &Harness| {
+        let h = h.store.objects.clone();
+        async move {
+            let bytes = blob::get_bytes(&*h, &ArtifactName::TransferManifest.key()).await;
+            bytes.map(|b| serde_json::from_slice::<common::transfer::Manifest>(&b).unwrap())
+        }
+    };
+    let listed = manifest(&h).await.unwrap();
+    let keys: Vec<_> = listed.shards.iter().map(|s| s.key.clone()).collect();
+    let committed: Vec<_> = shards.iter().map(|s| s.key.clone()).collect();
+    assert_eq!(keys, committed);
+    // A lost shard takes the manifest with it until it is made again.
+    let shard = ArtifactName::Shard(1);
+    h.store
+        .objects
+        .remove(&shards[1].stored_key())
+        .await
+        .unwrap();
+    assert!(h.shared.reported_lost(&w, &shard, "missing").await.unwrap());
+    assert!(manifest(&h).await.is_err(), "the manifest is gone");
+    let task = loop {
+        let task = h.lease(&w).await;
+        if task.task_id == "infer-00001" {
+            break task;
+        }
+    };
+    let again = h.report(&w, &task, &shard_bytes(5)).await.unwrap();
+    let listed = manifest(&h).await.unwrap();
+    assert_eq!(listed.shards[1].key, again.key);
 }

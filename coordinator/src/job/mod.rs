@@ -43,6 +43,7 @@ pub use leases::{Assignment, Failure, Lease};
 pub use recovery::Resumed;
 pub use shared::{SharedJob, Upload};
 pub use telemetry::CURVE_POINTS;
+pub use uploads::Reported;
 pub use workers::{Capabilities, Progress, WorkerInfo};
 
 /// Why a worker's request was refused.

@@ -27,10 +27,16 @@ pub struct Resumed {
 pub struct LostActions {
     /// Forget this task's commit: it runs again.
     pub forget_commit: Option<String>,
-    /// Delete this checkpoint and forget its record.
-    pub drop_checkpoint: Option<(String, ArtifactName)>,
+    /// Forget this task's checkpoint record and delete its object (key).
+    pub drop_checkpoint: Option<(String, String)>,
+    /// Delete this object first: the lost one (so that it can be written
+    /// again create-only), or the transfer manifest when a shard is lost.
+    pub remove_object: Option<String>,
     /// Store the transfer set's manifest again.
     pub rewrite_manifest: Option<Manifest>,
+    /// Delete the task cache's entry under this key: the lost result came
+    /// from it.
+    pub forget_cached: Option<String>,
 }
 
 impl Job {
@@ -120,13 +126,16 @@ impl Job {
         match name {
             ArtifactName::Checkpoint(task) => {
                 tracing::warn!(task, %problem, "a checkpoint is lost; the task starts from the beginning");
-                self.forget_artifact(name);
+                let key = self
+                    .forget_artifact(name)
+                    .map_or_else(|| name.key(), |stored| stored.stored_key());
                 self.checkpoint_times.remove(task);
-                actions.drop_checkpoint = Some((task.clone(), name.clone()));
+                actions.drop_checkpoint = Some((task.clone(), key));
                 return (lost, actions);
             }
             ArtifactName::TransferManifest => {
                 tracing::warn!(%problem, "the transfer manifest is lost; writing it again");
+                actions.remove_object = Some(name.key());
                 actions.rewrite_manifest = self.transfer.complete();
                 return (lost, actions);
             }
@@ -142,9 +151,16 @@ impl Job {
             return (lost, actions);
         }
         tracing::warn!(artifact = %name, task = %id, %problem, "a stored artifact is lost; its task runs again");
-        self.records.remove(&id);
+        if self.records.remove(&id).is_some_and(|r| r.cached) {
+            actions.forget_cached = Some(self.cache_key(task));
+        }
         if let ArtifactName::Shard(index) = self.plan.tasks[task].output {
             self.transfer.lost(index);
+            // The manifest will name the shard's new object: it is written
+            // again (create-only) once every shard is there.
+            if let Some(manifest) = self.forget_artifact(&ArtifactName::TransferManifest) {
+                actions.remove_object = Some(manifest.stored_key());
+            }
         }
         for (revoked, worker, attempt) in self.scheduler.reopen(task) {
             tracing::info!(task = %self.scheduler.id(revoked), attempt, %worker, "lease revoked until its input is regenerated");

@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::artifact::{ArtifactName, ArtifactRef};
-use common::blob::{self, BlobStore, PutMode};
+use common::artifact::{ArtifactName, ArtifactRef, ATTEMPTS};
+use common::blob::{self, BlobStore};
 use common::transfer::Manifest;
 
 use super::leases::LeaseStep;
@@ -242,7 +242,7 @@ impl SharedJob {
             let Some(commit) = committed.remove(&id) else {
                 continue;
             };
-            let key = commit.artifact.name.key();
+            let key = commit.artifact.stored_key();
             match blob::get_verified(&**self.store(), &key, &commit.artifact.sha256).await {
                 Ok(bytes) => {
                     self.with(|job| job.restore(&id, &commit, &bytes))?;
@@ -256,12 +256,21 @@ impl SharedJob {
                 }
             }
         }
-        if let Some(manifest) = self.with(|job| job.restored()) {
-            let stored = self.put_manifest(&manifest).await?;
-            self.with(|job| job.record_artifact(stored));
+        match self.with(|job| job.restored()) {
+            Some(manifest) => {
+                let stored = self.put_manifest(&manifest).await?;
+                self.with(|job| job.record_artifact(stored));
+            }
+            // A manifest the earlier run left names shards that are gone or
+            // will be made again (under other keys, in a bucket).
+            None => {
+                self.store()
+                    .remove(&ArtifactName::TransferManifest.key())
+                    .await?
+            }
         }
         for (id, checkpoint) in self.state(|s| s.checkpoints()).await? {
-            let key = checkpoint.artifact.name.key();
+            let key = checkpoint.artifact.stored_key();
             let unfinished = self.with(|job| job.is_unfinished(&id));
             let verified =
                 blob::get_verified(&**self.store(), &key, &checkpoint.artifact.sha256).await;
@@ -293,12 +302,83 @@ impl SharedJob {
                     task: "transfer set".into(),
                     reason: e.to_string(),
                 })?;
-        let written = blob::put_bytes(&**self.store(), &key, bytes, PutMode::Overwrite).await?;
+        // Create-only: a manifest already there (its commit lost in a
+        // crash, a retry) is taken if it is this one, an error otherwise.
+        let written = blob::put_once(&**self.store(), &key, bytes).await?;
         Ok(ArtifactRef {
             name,
             sha256: written.sha256,
             size: written.size,
+            key: None,
         })
+    }
+
+    /// Deletes the objects under `attempts/` that no committed artifact
+    /// is: outputs of attempts that were refused, lost their lease or died
+    /// before their commit. Run at start-up (after [`SharedJob::resume`])
+    /// and when the job ends. Returns how many were deleted.
+    pub async fn sweep_attempts(&self) -> Result<usize, JobError> {
+        let written = self.store().list(ATTEMPTS).await?;
+        let committed: std::collections::BTreeSet<String> = self.with(|job| {
+            job.artifacts
+                .values()
+                .map(ArtifactRef::stored_key)
+                .collect()
+        });
+        let mut removed = 0;
+        for key in written.iter().filter(|k| !committed.contains(*k)) {
+            self.store().remove(key).await?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "deleted the objects of attempts that were never committed"
+            );
+        }
+        Ok(removed)
+    }
+
+    /// Handles `worker`'s report that input `name`, read from the bucket,
+    /// was missing or corrupt: the coordinator checks the object itself
+    /// (its size, then its sha256, streamed) and, when it is lost, makes it
+    /// again as [`SharedJob::lost`] does. Returns whether it is lost.
+    pub async fn reported_lost(
+        &self,
+        worker: &str,
+        name: &ArtifactName,
+        problem: &str,
+    ) -> Result<bool, JobError> {
+        let stored = self.with_now(|job, now| {
+            job.touch(worker, now)?;
+            job.artifact_ref(name)
+                .cloned()
+                .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
+        })?;
+        let key = stored.stored_key();
+        let found = match self.store().size(&key).await? {
+            None => Some("missing".to_string()),
+            Some(size) if size != stored.size => {
+                Some(format!("{size} bytes long, {} were stored", stored.size))
+            }
+            Some(_) => match blob::sha256_of(&**self.store(), &key).await {
+                Ok(sha256) if sha256 == stored.sha256 => None,
+                Ok(sha256) => Some(format!(
+                    "corrupt (sha256 {sha256}, {} was stored)",
+                    stored.sha256
+                )),
+                Err(e) => Some(format!("unreadable ({e})")),
+            },
+        };
+        let Some(found) = found else {
+            tracing::warn!(artifact = %name, worker, %problem, "a worker found an input lost that is intact");
+            return Ok(false);
+        };
+        tracing::warn!(artifact = %name, worker, %problem, "a worker found an input lost");
+        match self.lost(name, &found).await {
+            JobError::Regenerating { .. } => Ok(true),
+            other => Err(other),
+        }
     }
 
     /// Answers `worker` asking for work: a task (completed from the task
@@ -356,13 +436,19 @@ impl SharedJob {
         if let Some(id) = actions.forget_commit {
             self.state(move |s| s.forget_task(&id)).await?;
         }
-        if let Some((id, name)) = actions.drop_checkpoint {
+        if let Some((id, key)) = actions.drop_checkpoint {
             self.state(move |s| s.forget_checkpoint(&id)).await?;
-            self.store().remove(&name.key()).await?;
+            self.store().remove(&key).await?;
+        }
+        if let Some(key) = actions.remove_object {
+            self.store().remove(&key).await?;
         }
         if let Some(manifest) = actions.rewrite_manifest {
             let stored = self.put_manifest(&manifest).await?;
             self.with(|job| job.record_artifact(stored));
+        }
+        if let (Some(cache), Some(key)) = (self.cache(), actions.forget_cached) {
+            cache.forget(&key).await;
         }
         Ok(())
     }

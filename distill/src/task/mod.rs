@@ -226,6 +226,26 @@ impl TaskSpec {
         self.kind().check_output(payload, num_classes)
     }
 
+    /// What [`TaskSpec::check_output`] would say of an output with `sha256`
+    /// that the coordinator does not read (a worker wrote it to the bucket
+    /// after checking it; its readers verify it): `None` for the kinds whose
+    /// output the job must decode (clusters, evaluation), which are small.
+    pub fn checked_unread(&self, sha256: &str) -> Option<Checked> {
+        match self {
+            TaskSpec::Train(_) | TaskSpec::Specialist(_) => Some(Checked::Model),
+            TaskSpec::Noop(_) => Some(Checked::Noop),
+            TaskSpec::Infer(t) => Some(Checked::Shard(ShardEntry {
+                file: common::transfer::shard_file_name(t.shard),
+                start: t.start,
+                end: t.end,
+                rows: t.end - t.start,
+                sha256: sha256.to_string(),
+                key: None,
+            })),
+            TaskSpec::Evaluate(_) | TaskSpec::Cluster(_) => None,
+        }
+    }
+
     /// Reads a finished task's summary JSON as its kind's type (`None` when
     /// it is missing or not of that shape).
     pub fn summary(&self, json: &serde_json::Value) -> Option<TaskSummary> {
