@@ -228,6 +228,8 @@ impl CoordinatorService {
                 payload.len(),
             )));
         }
+        metrics::counter!("distill_grpc_artifact_bytes_received_total")
+            .increment(payload.len() as u64);
         let found = sha256_hex(&payload);
         if found != sha256 {
             return Err(Status::data_loss(format!(
@@ -404,14 +406,18 @@ impl Coordinator for CoordinatorService {
             // Chunks of at most CHUNK_BYTES, whatever size the store reads.
             while let Some(chunk) = data.next().await {
                 let msgs: Vec<Result<pb::ArtifactChunk, Status>> = match chunk {
-                    Ok(bytes) => bytes
-                        .chunks(proto::CHUNK_BYTES)
-                        .map(|c| {
-                            Ok(pb::ArtifactChunk {
-                                part: Some(pb::artifact_chunk::Part::Data(c.to_vec())),
+                    Ok(bytes) => {
+                        metrics::counter!("distill_grpc_artifact_bytes_sent_total")
+                            .increment(bytes.len() as u64);
+                        bytes
+                            .chunks(proto::CHUNK_BYTES)
+                            .map(|c| {
+                                Ok(pb::ArtifactChunk {
+                                    part: Some(pb::artifact_chunk::Part::Data(c.to_vec())),
+                                })
                             })
-                        })
-                        .collect(),
+                            .collect()
+                    }
                     Err(e) => vec![Err(status(e))],
                 };
                 for msg in msgs {

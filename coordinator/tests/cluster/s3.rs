@@ -493,3 +493,70 @@ fn with_s3_a_killed_worker_and_a_restarted_server_leave_the_outputs_byte_identic
         assert!(bytes == reference[&key], "{key} differs after regeneration");
     }
 }
+
+/// With S3 the task cache is a key prefix in the bucket: a second job of
+/// the same tasks takes every result from it, copied on the server into its
+/// own attempts, and its outputs are the first job's.
+#[test]
+fn with_s3_a_second_job_takes_every_result_from_the_task_cache_in_the_bucket() {
+    let Some(s3) = test_settings("cluster-cache") else {
+        return;
+    };
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("cache_dir = \"cache\"\n{text}")).unwrap();
+    add_storage(&config, &s3);
+    let run = || {
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--local-workers",
+            "1",
+            "--local-worker-threads",
+            "1",
+        ];
+        let (ok, stdout, logs) =
+            Coordinator::start_with(&config, &args).wait_with_logs(Duration::from_secs(240));
+        assert!(ok, "{stdout}");
+        logs.iter()
+            .filter(|l| l.contains("result taken from the task cache"))
+            .count()
+    };
+    assert_eq!(run(), 0, "the first job runs every task");
+    let first = committed_objects(&job_store(&s3));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("output_dir = \"out\"", "output_dir = \"second\""),
+    )
+    .unwrap();
+    let taken = run();
+    let second_store = S3Store::new(&S3Settings {
+        prefix: format!("{}/second", s3.prefix),
+        ..s3.clone()
+    })
+    .unwrap();
+    let second = committed_objects(&second_store);
+    assert_eq!(
+        taken,
+        first.len() - 1,
+        "every task's result (all but the manifest)"
+    );
+    assert_eq!(second, first, "the same outputs");
+    let cache = S3Store::new(&S3Settings {
+        prefix: format!("{}/cache", s3.prefix),
+        ..s3.clone()
+    })
+    .unwrap();
+    let entries = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(cache.list(""))
+        .unwrap();
+    assert_eq!(
+        entries.len(),
+        2 * taken,
+        "result.bin and meta.json: {entries:?}"
+    );
+}
