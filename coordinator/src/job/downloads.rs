@@ -21,12 +21,7 @@ impl SharedJob {
         worker: &str,
         name: &ArtifactName,
     ) -> Result<(ArtifactRef, Download), JobError> {
-        let stored = self.with_now(|job, now| {
-            job.touch(worker, now)?;
-            job.artifact_ref(name)
-                .cloned()
-                .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
-        })?;
+        let stored = self.with_now(|job, now| job.stored_for(worker, name, now))?;
         let key = stored.stored_key();
         let problem = match self.store().size(&key).await {
             Ok(Some(size)) if size == stored.size => None,

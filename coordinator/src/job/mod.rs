@@ -224,6 +224,19 @@ impl Job {
         self.artifacts.get(name)
     }
 
+    /// Stored artifact `name`, asked for by `worker` (who is alive).
+    pub fn stored_for(
+        &mut self,
+        worker: &str,
+        name: &ArtifactName,
+        now: Duration,
+    ) -> Result<ArtifactRef, JobError> {
+        self.touch(worker, now)?;
+        self.artifact_ref(name)
+            .cloned()
+            .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
+    }
+
     /// Records a stored artifact (replacing an earlier one of its name).
     fn record_artifact(&mut self, stored: ArtifactRef) {
         self.artifacts.insert(stored.name.clone(), stored);

@@ -349,12 +349,7 @@ impl SharedJob {
         name: &ArtifactName,
         problem: &str,
     ) -> Result<bool, JobError> {
-        let stored = self.with_now(|job, now| {
-            job.touch(worker, now)?;
-            job.artifact_ref(name)
-                .cloned()
-                .ok_or_else(|| JobError::UnknownArtifact(name.to_string()))
-        })?;
+        let stored = self.with_now(|job, now| job.stored_for(worker, name, now))?;
         let key = stored.stored_key();
         let found = match self.store().size(&key).await? {
             None => Some("missing".to_string()),

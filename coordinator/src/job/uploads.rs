@@ -67,11 +67,7 @@ impl SharedJob {
         payload: Bytes,
         cached: bool,
     ) -> Result<ArtifactRef, JobError> {
-        let task = self.task_of(upload)?;
-        let _one_at_a_time = self.upload_lock(task).lock().await;
-        let expected = self.with_now(|job, now| {
-            job.begin_upload(&upload.worker, &upload.task, upload.attempt, kind, now)
-        })?;
+        let (_one_at_a_time, expected) = self.begin(upload, kind).await?;
         let validated = self.validate(&expected, payload.clone()).await?;
         let name = expected.artifact();
         let written = blob::put_bytes(
@@ -121,11 +117,7 @@ impl SharedJob {
         reported: Reported,
         cached: bool,
     ) -> Result<ArtifactRef, JobError> {
-        let task = self.task_of(upload)?;
-        let _one_at_a_time = self.upload_lock(task).lock().await;
-        let expected = self.with_now(|job, now| {
-            job.begin_upload(&upload.worker, &upload.task, upload.attempt, kind, now)
-        })?;
+        let (_one_at_a_time, expected) = self.begin(upload, kind).await?;
         let bad = |reason: String| JobError::BadResult {
             task: upload.task.clone(),
             reason,
@@ -177,12 +169,23 @@ impl SharedJob {
         Ok(stored)
     }
 
-    fn task_of(&self, upload: &Upload) -> Result<usize, JobError> {
-        self.with(|job| {
+    /// Takes the task's upload lock (held until the output is taken up),
+    /// then checks that `upload`'s attempt may deliver `kind`.
+    async fn begin(
+        &self,
+        upload: &Upload,
+        kind: UploadKind,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Expected), JobError> {
+        let task = self.with(|job| {
             job.scheduler
                 .index_of(&upload.task)
                 .ok_or_else(|| JobError::UnknownTask(upload.task.clone()))
-        })
+        })?;
+        let one_at_a_time = self.upload_lock(task).lock().await;
+        let expected = self.with_now(|job, now| {
+            job.begin_upload(&upload.worker, &upload.task, upload.attempt, kind, now)
+        })?;
+        Ok((one_at_a_time, expected))
     }
 
     /// Decodes `payload` as `expected`'s output, on the blocking pool.
