@@ -46,7 +46,7 @@ impl LocalStore {
             BlobError::Io {
                 store: self.describe(),
                 key: key.to_string(),
-                source,
+                error: source,
             }
         }
     }
@@ -90,7 +90,7 @@ impl BlobStore for LocalStore {
             .map_err(|e| BlobError::Io {
                 store: self.describe(),
                 key: key.to_string(),
-                source: e,
+                error: e,
             })?
         };
         let mut file = tokio::fs::File::from_std(tmp.as_file().try_clone().map_err(err)?);

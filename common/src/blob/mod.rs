@@ -95,16 +95,16 @@ pub enum BlobError {
         /// The sha256 of what is there.
         found: String,
     },
-    /// Reading or writing failed.
-    #[error("{store}: {key:?}: {source}")]
+    /// Reading or writing failed. (The cause is part of the message and
+    /// not a `source`, so that error chains print it once.)
+    #[error("{store}: {key:?}: {error}")]
     Io {
         /// The store, in words.
         store: String,
         /// The key (or prefix).
         key: String,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -234,7 +234,7 @@ pub(crate) async fn collect(
         bytes.extend_from_slice(&chunk.map_err(|source| BlobError::Io {
             store: store.to_string(),
             key: key.to_string(),
-            source,
+            error: source,
         })?);
     }
     Ok(bytes)
@@ -268,7 +268,7 @@ pub async fn sha256_of(store: &dyn BlobStore, key: &str) -> Result<String, BlobE
         hasher.update(chunk.map_err(|source| BlobError::Io {
             store: store.describe(),
             key: key.to_string(),
-            source,
+            error: source,
         })?);
     }
     Ok(hex::encode(hasher.finalize()))
@@ -284,6 +284,22 @@ pub(crate) fn check_key(key: &str) -> Result<(), BlobError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod errors {
+    use super::BlobError;
+
+    #[test]
+    fn an_io_error_says_its_cause_once_in_a_chain() {
+        let e = BlobError::Io {
+            store: "s3://b/p".into(),
+            key: "k".into(),
+            error: std::io::Error::other("connection refused"),
+        };
+        assert_eq!(e.to_string(), "s3://b/p: \"k\": connection refused");
+        assert!(std::error::Error::source(&e).is_none(), "no second copy below it");
+    }
 }
 
 #[cfg(test)]

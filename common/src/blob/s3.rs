@@ -134,7 +134,7 @@ impl S3Store {
         let store = builder.build().map_err(|e| BlobError::Io {
             store: settings.describe(),
             key: String::new(),
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         })?;
         let mut settings = settings.clone();
         settings.prefix = settings.prefix.trim_matches('/').to_string();
@@ -224,7 +224,7 @@ impl S3Store {
         BlobError::Io {
             store: self.describe(),
             key: key.to_string(),
-            source: std::io::Error::other(message.into()),
+            error: std::io::Error::other(message.into()),
         }
     }
 
@@ -238,7 +238,7 @@ impl S3Store {
             other => BlobError::Io {
                 store,
                 key,
-                source: std::io::Error::other(other.to_string()),
+                error: std::io::Error::other(other.to_string()),
             },
         }
     }
@@ -273,7 +273,7 @@ impl S3Store {
                     return Err(BlobError::Io {
                         store: self.describe(),
                         key: key.to_string(),
-                        source,
+                        error: source,
                     });
                 }
             };
@@ -318,7 +318,7 @@ impl BlobStore for S3Store {
             let chunk = chunk.map_err(|source| BlobError::Io {
                 store: self.describe(),
                 key: key.to_string(),
-                source,
+                error: source,
             })?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
