@@ -290,9 +290,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let mut sigterm = terminate_signal()?;
     let mut stop_asked = false;
     let result = supervise(&shared, &cfg, &mut local, &mut sigterm, &mut stop_asked).await;
-    if let Err(e) = shared.sweep_attempts().await {
-        tracing::warn!(error = %e, "could not delete the objects of uncommitted attempts");
-    }
     let result = match result {
         Ok(()) if cfg.load_test.is_some() => Ok(load_test_outcome(&shared, &out, started)),
         Ok(()) => finish_report(&shared, &cfg, sizes, started).await,
@@ -321,6 +318,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let _ = tokio::time::timeout(Duration::from_secs(5), status_server).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // Only now: while the service runs, a listed object may be committed
+    // between the listing and its deletion.
+    if let Err(e) = shared.sweep_attempts().await {
+        tracing::warn!(error = %e, "could not delete the objects of uncommitted attempts");
+    }
     if let Some(local) = local {
         if result.is_err() {
             // Let them give their tasks back (with a checkpoint) and exit.
@@ -601,6 +603,7 @@ async fn finish_report(
                 evaluations: &evaluations,
                 records: &job.records,
                 clusters: job.clusters.as_ref(),
+                model_keys: &job.model_keys(),
             },
             transfer,
             started.elapsed().as_secs_f64(),

@@ -104,6 +104,9 @@ pub struct Outcomes<'a> {
     pub records: &'a HashMap<String, TaskRecord>,
     /// The specialists' classes (jobs with specialists).
     pub clusters: Option<&'a Clusters>,
+    /// Each model's stored key (`models/<name>.safetensors`, or with S3 its
+    /// committed attempt); a model missing here is named by that default.
+    pub model_keys: &'a HashMap<String, String>,
 }
 
 /// The transfer set in the report.
@@ -196,6 +199,7 @@ pub fn build(
         evaluations,
         records,
         clusters,
+        model_keys,
     } = outcomes;
     let teachers = &plan.teachers[..];
     let arch_to = |shape: &ModelShape, outputs: usize| {
@@ -262,8 +266,12 @@ pub fn build(
                     .or(record.map(|r| r.seconds))
                     .unwrap_or(0.0),
                 selected_epoch: trained.map(|t| t.training.selected_epoch),
-                file: (!matches!(role, Role::Ensemble | Role::Combined) && !adjusted)
-                    .then(|| format!("models/{name}.safetensors")),
+                file: (!matches!(role, Role::Ensemble | Role::Combined) && !adjusted).then(|| {
+                    model_keys
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| format!("models/{name}.safetensors"))
+                }),
                 bias_shift: e.bias_shift,
                 training_examples: trained.map(|t| t.examples),
                 validation_errors_per_epoch: trained
@@ -578,6 +586,7 @@ mod tests {
                 evaluations: &evaluations,
                 records: &records,
                 clusters: None,
+                model_keys: &HashMap::new(),
             },
             transfer,
             9.0,

@@ -298,7 +298,10 @@ mod errors {
             error: std::io::Error::other("connection refused"),
         };
         assert_eq!(e.to_string(), "s3://b/p: \"k\": connection refused");
-        assert!(std::error::Error::source(&e).is_none(), "no second copy below it");
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "no second copy below it"
+        );
     }
 }
 

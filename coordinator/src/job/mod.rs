@@ -224,6 +224,14 @@ impl Job {
         self.artifacts.get(name)
     }
 
+    /// Each stored model's key, by model name (for the report).
+    pub fn model_keys(&self) -> HashMap<String, String> {
+        self.artifacts
+            .values()
+            .filter_map(|a| a.name.model().map(|m| (m.to_string(), a.stored_key())))
+            .collect()
+    }
+
     /// Stored artifact `name`, asked for by `worker` (who is alive).
     pub fn stored_for(
         &mut self,

@@ -303,8 +303,17 @@ impl SharedJob {
                     reason: e.to_string(),
                 })?;
         // Create-only: a manifest already there (its commit lost in a
-        // crash, a retry) is taken if it is this one, an error otherwise.
-        let written = blob::put_once(&**self.store(), &key, bytes).await?;
+        // crash, a retry) is taken if it is this one. Another one is stale
+        // (written as a shard was being found lost): this coordinator's
+        // state is the truth, so it is replaced, and said so.
+        let written = match blob::put_once(&**self.store(), &key, bytes.clone()).await {
+            Err(stale @ blob::BlobError::Differs { .. }) => {
+                tracing::warn!(error = %stale, "replacing a stale transfer manifest");
+                self.store().remove(&key).await?;
+                blob::put_once(&**self.store(), &key, bytes).await?
+            }
+            written => written?,
+        };
         Ok(ArtifactRef {
             name,
             sha256: written.sha256,
@@ -370,7 +379,15 @@ impl SharedJob {
             return Ok(false);
         };
         tracing::warn!(artifact = %name, worker, %problem, "a worker found an input lost");
-        match self.lost(name, &found).await {
+        // Only the object checked: one committed meanwhile is not lost.
+        let lost = self.with(|job| {
+            (job.artifact_ref(name) == Some(&stored)).then(|| job.artifact_lost(name, &found))
+        });
+        let Some((lost, actions)) = lost else {
+            return Ok(false);
+        };
+        self.carry_out(actions).await?;
+        match lost {
             JobError::Regenerating { .. } => Ok(true),
             other => Err(other),
         }
@@ -390,13 +407,15 @@ impl SharedJob {
                     cache_key,
                 } => (task, attempt, cache_key),
             };
+            // Reserved first: a cached result is committed under the
+            // attempt's key too.
+            self.reserve_attempt(attempt).await?;
             if self
                 .complete_from_cache(worker, task, attempt, &cache_key)
                 .await
             {
                 continue;
             }
-            self.reserve_attempt(attempt).await?;
             if let Some(assignment) = self.with(|job| job.assign(worker, task, attempt)) {
                 return Ok(Lease::Task(assignment));
             }

@@ -119,6 +119,13 @@ fn a_job_with_s3_storage_keeps_its_artifacts_in_the_bucket() {
         let report: serde_json::Value =
             serde_json::from_slice(&blob::get_bytes(&store, "report.json").await.unwrap()).unwrap();
         assert!(report["models"].as_array().unwrap().len() >= 3, "{report}");
+        // The report names each model's committed object.
+        let file = report["models"][0]["file"].as_str().unwrap();
+        assert!(
+            file.starts_with("attempts/models/teacher-0.safetensors/"),
+            "{file}"
+        );
+        assert!(keys.iter().any(|k| k == file), "{file} in {keys:?}");
     });
 }
 
