@@ -43,10 +43,12 @@ pub struct Retries {
     pub within: Duration,
 }
 
-/// The retries of [`S3Store::new`]: backoff from 0.1 s doubling to 5 s, for
-/// up to two minutes.
+/// The retries of [`S3Store::new`]: for up to two minutes, bounded by time
+/// rather than count. (object_store's backoff is jittered between its
+/// start and the doubled previous wait, capped at 5 s here, so 40 retries
+/// were spent in 12 s against a server still restarting on a busy machine.)
 pub const PATIENT_RETRIES: Retries = Retries {
-    attempts: 40,
+    attempts: 100_000,
     within: Duration::from_secs(120),
 };
 
