@@ -17,6 +17,17 @@ use super::{JobError, MadeBy, TaskRecord};
 use crate::cache::CachedEntry;
 use crate::state::{CommittedTask, StoredCheckpoint};
 
+/// Runs `work` (`what`, for the error if it panics) in a task of its own,
+/// so that a caller that goes away cannot stop it halfway.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, JobError>> + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| JobError::Panicked(format!("{what}: {e}")))?
+}
+
 /// An object a worker wrote to the bucket, as it reports it.
 #[derive(Clone, Debug)]
 pub struct Reported {
@@ -55,9 +66,10 @@ impl SharedJob {
         payload: Bytes,
     ) -> Result<ArtifactRef, JobError> {
         let (shared, upload) = (self.clone(), upload.clone());
-        tokio::spawn(async move { shared.store_upload(kind, &upload, payload, false).await })
-            .await
-            .map_err(|e| JobError::Panicked(format!("storing the upload: {e}")))?
+        detached("storing the upload", async move {
+            shared.store_upload(kind, &upload, payload, false).await
+        })
+        .await
     }
 
     async fn store_upload(
@@ -105,9 +117,10 @@ impl SharedJob {
         reported: Reported,
     ) -> Result<ArtifactRef, JobError> {
         let (shared, upload) = (self.clone(), upload.clone());
-        tokio::spawn(async move { shared.take_reported(kind, &upload, reported, false).await })
-            .await
-            .map_err(|e| JobError::Panicked(format!("committing the result: {e}")))?
+        detached("committing the result", async move {
+            shared.take_reported(kind, &upload, reported, false).await
+        })
+        .await
     }
 
     async fn take_reported(

@@ -28,8 +28,13 @@ fn add_storage(config: &Path, s3: &S3Settings) {
 /// The store of the job whose output folder is `out` (named `out` by
 /// `write_config`): the configured prefix and the folder's name.
 fn job_store(s3: &S3Settings) -> S3Store {
+    store_under(s3, "out")
+}
+
+/// The store of `folder` under the configured prefix.
+fn store_under(s3: &S3Settings, folder: &str) -> S3Store {
     S3Store::new(&S3Settings {
-        prefix: format!("{}/out", s3.prefix),
+        prefix: format!("{}/{folder}", s3.prefix),
         ..s3.clone()
     })
     .unwrap()
@@ -540,11 +545,7 @@ fn with_s3_a_second_job_takes_every_result_from_the_task_cache_in_the_bucket() {
     )
     .unwrap();
     let taken = run();
-    let second_store = S3Store::new(&S3Settings {
-        prefix: format!("{}/second", s3.prefix),
-        ..s3.clone()
-    })
-    .unwrap();
+    let second_store = store_under(&s3, "second");
     let second = committed_objects(&second_store);
     assert_eq!(
         taken,
@@ -552,11 +553,7 @@ fn with_s3_a_second_job_takes_every_result_from_the_task_cache_in_the_bucket() {
         "every task's result (all but the manifest)"
     );
     assert_eq!(second, first, "the same outputs");
-    let cache = S3Store::new(&S3Settings {
-        prefix: format!("{}/cache", s3.prefix),
-        ..s3.clone()
-    })
-    .unwrap();
+    let cache = store_under(&s3, "cache");
     let entries = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(cache.list(""))
