@@ -13,13 +13,16 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::shard::{shard_key, Split, INDEX_KEY};
 use crate::transfer::shard_file_name;
 
 /// The name of one artifact of a job.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ArtifactName {
-    /// The dataset bundle: every split, normalised.
+    /// The dataset's index (`dataset/index.json`): every split's shards.
     Dataset,
+    /// Shard number this of a split of the prepared dataset.
+    DatasetShard(Split, usize),
     /// The model file of the model called by this name.
     Model(String),
     /// The latest training checkpoint of the task with this id.
@@ -51,13 +54,15 @@ const CLUSTERS: &str = "specialists/clusters.json";
 
 impl ArtifactName {
     /// Its key in a blob store, relative to the job's root: the file it is
-    /// in under the output folder (`dataset.safetensors`,
+    /// in under the output folder (`dataset/index.json`,
+    /// `dataset/<split>/shard-<i>.safetensors`,
     /// `models/<m>.safetensors`, `checkpoints/<task>.safetensors`,
     /// `transfer/shard-<i>.safetensors`, `transfer/manifest.json`,
     /// `specialists/clusters.json`, `evaluation.json`, `noop/<task>`).
     pub fn key(&self) -> String {
         match self {
-            ArtifactName::Dataset => "dataset.safetensors".into(),
+            ArtifactName::Dataset => INDEX_KEY.into(),
+            ArtifactName::DatasetShard(..) => self.to_string(),
             ArtifactName::Model(m) => format!("{MODELS}{m}{SAFETENSORS}"),
             ArtifactName::Checkpoint(t) => format!("{CHECKPOINTS}{t}{SAFETENSORS}"),
             ArtifactName::Shard(_) | ArtifactName::TransferManifest | ArtifactName::Clusters => {
@@ -71,7 +76,7 @@ impl ArtifactName {
     /// The artifact stored under `key` (the inverse of [`Self::key`]).
     pub fn from_key(key: &str) -> Result<Self, NotAnArtifact> {
         let name = match key {
-            "dataset.safetensors" => "dataset".to_string(),
+            INDEX_KEY => "dataset".to_string(),
             "evaluation.json" => "evaluation".to_string(),
             _ if key.starts_with(MODELS) || key.starts_with(CHECKPOINTS) => key
                 .strip_suffix(SAFETENSORS)
@@ -108,6 +113,7 @@ impl fmt::Display for ArtifactName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ArtifactName::Dataset => f.write_str("dataset"),
+            ArtifactName::DatasetShard(split, i) => f.write_str(&shard_key(*split, *i)),
             ArtifactName::Model(m) => write!(f, "{MODELS}{m}"),
             ArtifactName::Checkpoint(t) => write!(f, "{CHECKPOINTS}{t}"),
             ArtifactName::Shard(i) => write!(f, "{TRANSFER}{}", shard_file_name(*i)),
@@ -127,6 +133,16 @@ fn is_segment(s: &str) -> bool {
         && !s.starts_with('.')
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The index of a shard file name (`shard-00003.safetensors`; one
+/// spelling only, not `shard-3`).
+fn shard_index(file: &str) -> Option<usize> {
+    let index = file
+        .strip_prefix("shard-")
+        .and_then(|f| f.strip_suffix(SAFETENSORS))
+        .and_then(|i| i.parse::<usize>().ok())?;
+    (shard_file_name(index) == file).then_some(index)
 }
 
 impl FromStr for ArtifactName {
@@ -153,18 +169,13 @@ impl FromStr for ArtifactName {
                     segment(t).map(ArtifactName::Checkpoint)
                 } else if let Some(t) = s.strip_prefix(NOOP) {
                     segment(t).map(ArtifactName::Noop)
+                } else if let Some(path) = s.strip_prefix("dataset/") {
+                    let (split, file) = path.split_once('/').ok_or_else(bad)?;
+                    let split = Split::parse(split).ok_or_else(bad)?;
+                    let index = shard_index(file).ok_or_else(bad)?;
+                    Ok(ArtifactName::DatasetShard(split, index))
                 } else if let Some(file) = s.strip_prefix(TRANSFER) {
-                    let index = file
-                        .strip_prefix("shard-")
-                        .and_then(|f| f.strip_suffix(SAFETENSORS))
-                        .and_then(|i| i.parse::<usize>().ok())
-                        .ok_or_else(bad)?;
-                    // One spelling only: `shard-00003`, not `shard-3`.
-                    if shard_file_name(index) == file {
-                        Ok(ArtifactName::Shard(index))
-                    } else {
-                        Err(bad())
-                    }
+                    shard_index(file).map(ArtifactName::Shard).ok_or_else(bad)
                 } else {
                     Err(bad())
                 }
@@ -231,6 +242,7 @@ mod tests {
     fn all() -> Vec<ArtifactName> {
         vec![
             ArtifactName::Dataset,
+            ArtifactName::DatasetShard(Split::Validation, 2),
             ArtifactName::Model("teacher-0".into()),
             ArtifactName::Checkpoint("specialist-03".into()),
             ArtifactName::Shard(7),
@@ -248,6 +260,7 @@ mod tests {
             shown,
             [
                 "dataset",
+                "dataset/validation/shard-00002.safetensors",
                 "models/teacher-0",
                 "checkpoints/specialist-03",
                 "transfer/shard-00007.safetensors",
@@ -261,7 +274,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "dataset.safetensors",
+                "dataset/index.json",
+                "dataset/validation/shard-00002.safetensors",
                 "models/teacher-0.safetensors",
                 "checkpoints/specialist-03.safetensors",
                 "transfer/shard-00007.safetensors",
@@ -320,6 +334,9 @@ mod tests {
             "transfer/shard-00003",
             "transfer/other.json",
             "dataset.safetensors",
+            "dataset/index.json",
+            "dataset/other/shard-00001.safetensors",
+            "dataset/train/shard-1.safetensors",
             "report.json",
         ] {
             assert!(bad.parse::<ArtifactName>().is_err(), "{bad:?} accepted");

@@ -27,6 +27,8 @@ pub enum Stream {
     Subset = 7,
     /// K-means of the specialists' classes.
     Clustering = 8,
+    /// The order of an epoch's training shards.
+    ShardOrder = 9,
 }
 
 /// A random number generator for `purpose`, derived from `seed`.

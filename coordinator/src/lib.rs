@@ -28,9 +28,8 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use anyhow::Context;
-use common::artifact::{ArtifactName, ArtifactRef};
-use common::blob::{self, BlobStore, PutMode};
-use common::dataset::bundle::encode_splits;
+use common::artifact::ArtifactName;
+use common::blob::BlobStore;
 use proto::auth::{RequireToken, Token, TOKEN_ENV};
 use proto::pb::coordinator_server::CoordinatorServer;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -110,37 +109,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
     let resuming = state.has_job()?;
     state.check_config(&cfg.identity())?;
 
-    let cfg_for_data = cfg.clone();
-    let splits =
-        tokio::task::spawn_blocking(move || crate::data::load_splits(&cfg_for_data)).await??;
-    tracing::info!(
-        dataset = cfg.dataset.source.name(),
-        train = splits.train.len(),
-        validation = splits.validation.len(),
-        test = splits.test.len(),
-        "dataset loaded"
-    );
-    cfg.check_classes(&opts.config, splits.train.num_classes())?;
-    if let Some(subset) = cfg.transfer_subset() {
-        let kept = subset
-            .mask(splits.train.labels(), splits.train.num_classes())
-            .context("[transfer]")?
-            .iter()
-            .filter(|&&k| k)
-            .count();
-        tracing::info!(
-            examples = kept,
-            of = splits.train.len(),
-            "the student and the baseline learn from a subset"
-        );
-    }
-    let sizes = SplitSizes {
-        train: splits.train.len(),
-        validation: splits.validation.len(),
-        test: splits.test.len(),
-        dim: splits.train.dim(),
-        classes: splits.train.num_classes(),
-    };
     if !resuming {
         // Shards of a run without state (an older version) must not mix
         // with this run's.
@@ -148,42 +116,41 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
             store.remove(&key).await?;
         }
     }
-    // Hashing the training split (for the transfer set's manifest) overlaps
-    // encoding the bundle; each takes a few hundred ms on MNIST.
-    let (fingerprint, bundle) = std::thread::scope(|scope| -> anyhow::Result<_> {
-        let hashing = scope.spawn(|| splits.train.fingerprint());
-        let bundle = encode_splits(&splits)?;
-        state.check_dataset(&common::checksum::sha256_hex(&bundle))?;
-        Ok((
-            hashing.join().expect("hashing the dataset panicked"),
-            bundle,
-        ))
-    })?;
-    drop(splits);
-    let written = blob::put_bytes(
-        &*store,
-        &ArtifactName::Dataset.key(),
-        bundle,
-        PutMode::Overwrite,
-    )
-    .await?;
-    let bundle = ArtifactRef {
-        name: ArtifactName::Dataset,
-        sha256: written.sha256,
-        size: written.size,
-        key: None,
+    let dataset = crate::data::prepare(&cfg, &*store).await?;
+    let index = &dataset.index;
+    tracing::info!(
+        dataset = cfg.dataset.source.name(),
+        train = index.train.len,
+        validation = index.validation.len,
+        test = index.test.len,
+        shards = dataset.artifacts.len() - 1,
+        "dataset stored as shards"
+    );
+    cfg.check_classes(&opts.config, index.num_classes)?;
+    state.check_dataset(&dataset.index_ref().sha256)?;
+    if let Some(subset) = cfg.transfer_subset() {
+        tracing::info!(
+            fraction = subset.fraction,
+            "the student and the baseline learn from a subset"
+        );
+    }
+    let sizes = SplitSizes {
+        train: index.train.len,
+        validation: index.validation.len,
+        test: index.test.len,
+        dim: index.dim,
+        classes: index.num_classes,
     };
-
-    let plan = plan::plan(&cfg, sizes.train)?;
+    let plan = plan::plan(&cfg, &index.layout())?;
     let poll_ms = cfg.heartbeat_interval_ms.min(500) as u32;
     let job = Job::new(
         plan,
         DatasetFacts {
-            fingerprint,
+            fingerprint: index.train.fingerprint.clone(),
             train_len: sizes.train,
             num_classes: sizes.classes,
         },
-        bundle,
+        dataset.artifacts.clone(),
         LeasePolicy {
             timeout: Duration::from_secs_f64(cfg.lease_timeout_secs),
             max_attempts: cfg.max_attempts,

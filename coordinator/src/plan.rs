@@ -15,12 +15,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use common::artifact::ArtifactName;
+use common::dataset::shard::DatasetLayout;
 use common::dataset::shard_ranges;
 use distill::hparams::{DistillConfig, TrainConfig};
 use distill::model::ModelShape;
 use distill::task::{
-    BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask, NoopTask,
-    SpecialistTask, TaskSpec, TrainTask,
+    BiasAdjustment, ClusterTask, CombinedSpec, EnsembleSpec, EvaluateTask, InferTask, JobLayout,
+    NoopTask, SpecialistTask, TaskSpec, TrainTask,
 };
 
 use crate::config::{derive_seed, ClusterConfig};
@@ -122,11 +123,11 @@ pub struct Plan {
 impl Plan {
     /// A plan of `tasks` (dependencies first), each with its inputs and
     /// output from its spec and its dependencies from those.
-    fn link(tasks: Vec<(String, TaskSpec)>, shards: usize) -> Vec<PlannedTask> {
+    fn link(tasks: Vec<(String, TaskSpec)>, layout: &JobLayout<'_>) -> Vec<PlannedTask> {
         let mut made_by: HashMap<ArtifactName, usize> = HashMap::new();
         let mut planned = Vec::with_capacity(tasks.len());
         for (i, (id, spec)) in tasks.into_iter().enumerate() {
-            let inputs = spec.inputs(shards);
+            let inputs = spec.inputs(layout);
             let mut deps: Vec<usize> = inputs
                 .iter()
                 .filter_map(|a| made_by.get(a).copied())
@@ -156,7 +157,13 @@ pub fn load_test_plan(tasks: usize) -> Plan {
         })
         .collect();
     Plan {
-        tasks: Plan::link(tasks, 0),
+        tasks: Plan::link(
+            tasks,
+            &JobLayout {
+                transfer_shards: 0,
+                dataset: &DatasetLayout::default(),
+            },
+        ),
         teachers: Vec::new(),
         specialists: Vec::new(),
         transfer_teachers: Vec::new(),
@@ -165,9 +172,10 @@ pub fn load_test_plan(tasks: usize) -> Plan {
     }
 }
 
-/// Plans the job of `cfg` for a training split of `train_len` examples
-/// (with `[load_test]`, only its no-op tasks).
-pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
+/// Plans the job of `cfg` for a dataset stored as `dataset` says (with
+/// `[load_test]`, only its no-op tasks).
+pub fn plan(cfg: &ClusterConfig, dataset: &DatasetLayout) -> common::Result<Plan> {
+    let train_len = dataset.train.last().map_or(0, |r| r.end);
     if let Some(load) = &cfg.load_test {
         return Ok(load_test_plan(load.tasks));
     }
@@ -183,6 +191,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
             shape,
             train: TrainConfig {
                 seed: derive_seed(cfg.seed, name),
+                shuffle_window_shards: cfg.dataset.shuffle_window_shards,
                 ..base.clone()
             },
             distill,
@@ -240,6 +249,7 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
                     generalist: generalist.clone(),
                     train: TrainConfig {
                         seed: derive_seed(cfg.seed, &name),
+                        shuffle_window_shards: cfg.dataset.shuffle_window_shards,
                         ..spec.train.clone()
                     },
                 }),
@@ -328,7 +338,13 @@ pub fn plan(cfg: &ClusterConfig, train_len: usize) -> common::Result<Plan> {
         }),
     ));
     Ok(Plan {
-        tasks: Plan::link(tasks, shards),
+        tasks: Plan::link(
+            tasks,
+            &JobLayout {
+                transfer_shards: shards,
+                dataset,
+            },
+        ),
         teachers,
         specialists,
         transfer_teachers,
@@ -342,6 +358,41 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// The layout of a dataset of `train` training examples (one shard per
+    /// split).
+    pub(crate) fn layout(train: usize) -> DatasetLayout {
+        DatasetLayout::new([train, 10, 10], 65_536).unwrap()
+    }
+
+    #[test]
+    fn tasks_read_only_the_dataset_shards_they_need() {
+        let p = plan(&config(1, 2), &DatasetLayout::new([10, 4, 4], 4).unwrap()).unwrap();
+        let inputs_of = |id: &str| -> Vec<String> {
+            let task = p.tasks.iter().find(|t| t.id == id).unwrap();
+            task.inputs
+                .iter()
+                .filter(|n| matches!(n, ArtifactName::DatasetShard(..)))
+                .map(ToString::to_string)
+                .collect()
+        };
+        // Transfer shard 1 holds examples 5..10 of the 10: dataset shards 1 and 2.
+        assert_eq!(
+            inputs_of("infer-00001"),
+            [
+                "dataset/train/shard-00001.safetensors",
+                "dataset/train/shard-00002.safetensors"
+            ]
+        );
+        assert_eq!(
+            inputs_of(EVALUATE),
+            [
+                "dataset/validation/shard-00000.safetensors",
+                "dataset/test/shard-00000.safetensors"
+            ]
+        );
+        assert_eq!(inputs_of("teacher-0").len(), 4, "train and validation");
+    }
+
     fn config(teachers: usize, shards: usize) -> ClusterConfig {
         let text = format!(
             "output_dir = \"o\"\ntransfer_shards = {shards}\n[dataset]\nsource = \"synthetic\"\n\
@@ -352,7 +403,7 @@ mod tests {
 
     #[test]
     fn graph_has_teachers_baseline_shards_student_evaluation_in_dependency_order() {
-        let p = plan(&config(2, 3), 100).unwrap();
+        let p = plan(&config(2, 3), &layout(100)).unwrap();
         let ids: Vec<&str> = p.tasks.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -394,7 +445,7 @@ mod tests {
 
     #[test]
     fn every_model_gets_its_own_seed_and_one_teacher_has_no_ensemble() {
-        let p = plan(&config(1, 2), 10).unwrap();
+        let p = plan(&config(1, 2), &layout(10)).unwrap();
         let seeds: Vec<u64> = p
             .tasks
             .iter()
@@ -413,8 +464,8 @@ mod tests {
 
     #[test]
     fn shard_count_depends_on_the_config_only_and_is_capped_by_examples() {
-        assert_eq!(plan(&config(1, 4), 1000).unwrap().shards, 4);
-        assert_eq!(plan(&config(1, 50), 7).unwrap().shards, 7);
+        assert_eq!(plan(&config(1, 4), &layout(1000)).unwrap().shards, 4);
+        assert_eq!(plan(&config(1, 50), &layout(7)).unwrap().shards, 7);
     }
 
     #[test]
@@ -422,7 +473,7 @@ mod tests {
         let text = "output_dir = \"o\"\ntransfer_shards = 2\n[dataset]\nsource = \"synthetic\"\n\
                     [teachers]\nhidden = [8]\n[student]\nhidden = [4]\n[specialists]\ncount = 2\ntop_n = 2\n";
         let cfg = ClusterConfig::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
-        let p = plan(&cfg, 10).unwrap();
+        let p = plan(&cfg, &layout(10)).unwrap();
         let ids: Vec<&str> = p.tasks.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(
             ids,

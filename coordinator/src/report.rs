@@ -576,7 +576,11 @@ mod tests {
             bytes: 100,
             dir: "transfer".into(),
         };
-        let plan = crate::plan::plan(&cfg, 80).unwrap();
+        let plan = crate::plan::plan(
+            &cfg,
+            &common::dataset::shard::DatasetLayout::new([80, 10, 10], 65_536).unwrap(),
+        )
+        .unwrap();
         assert_eq!(plan.teachers, teachers);
         let report = build(
             &cfg,

@@ -50,6 +50,12 @@ pub struct TrainConfig {
     pub select: EpochSelection,
     /// Seed of every random choice of the run.
     pub seed: u64,
+    /// Training shards shuffled together: each epoch visits the shards in
+    /// a random order, this many at a time, and shuffles the examples of
+    /// those shards together (a dataset in memory is one shard, so this is
+    /// a full shuffle). A cluster job sets it from
+    /// `dataset.shuffle_window_shards`.
+    pub shuffle_window_shards: usize,
 }
 
 impl Default for TrainConfig {
@@ -69,6 +75,7 @@ impl Default for TrainConfig {
             jitter_pixels: 0,
             select: EpochSelection::BestValidation,
             seed: 1,
+            shuffle_window_shards: 4,
         }
     }
 }
@@ -86,6 +93,12 @@ impl TrainConfig {
             return Err(Error::invalid(
                 "learning_rate",
                 format!("must be a finite number > 0, got {}", self.learning_rate),
+            ));
+        }
+        if self.shuffle_window_shards == 0 {
+            return Err(Error::invalid(
+                "shuffle_window_shards",
+                "must be at least 1, got 0",
             ));
         }
         if self.warmup_epochs > self.epochs {

@@ -97,7 +97,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Exit> {
         store,
         scratch: opts.scratch.clone(),
         device,
-        dataset: None,
         shutdown,
     };
     serve(&opts, &caps, client, state).instrument(span).await

@@ -12,11 +12,10 @@ use anyhow::Context;
 use candle_core::Device;
 use common::artifact::{attempt_key, ArtifactName, ArtifactRef};
 use common::blob::{self, BlobError, BlobStore, PutMode, S3Store};
-use common::dataset::bundle::decode_splits;
-use common::dataset::Splits;
+use common::dataset::shard::{DatasetIndex, ShardedSplit, Split};
 use distill::checkpoint::TrainCheckpoint;
 use distill::specialists::ensemble::Clusters;
-use distill::task::{TaskInputs, TaskOutput, TaskSpec};
+use distill::task::{TaskData, TaskInputs, TaskOutput, TaskSpec};
 use distill::train::{EpochStats, StepProgress, TrainObserver};
 use proto::pb;
 
@@ -41,8 +40,6 @@ pub struct WorkerState {
     pub scratch: PathBuf,
     /// The compute device.
     pub device: Device,
-    /// The decoded dataset and its checksum.
-    pub dataset: Option<(String, Arc<Splits>)>,
     /// Whether the worker is stopping.
     pub shutdown: Shutdown,
 }
@@ -583,7 +580,8 @@ async fn execute(
     }
     let mut models = HashMap::new();
     let mut transfer_files = Vec::new();
-    let mut dataset = None;
+    let mut index = None;
+    let mut shard_files: Vec<(Split, usize, PathBuf)> = Vec::new();
     let mut clusters = None;
     let mut resume = None;
     let inputs = assignment
@@ -602,7 +600,18 @@ async fn execute(
                 );
                 resume = Some(checkpoint);
             }
-            ArtifactName::Dataset => dataset = Some(input),
+            ArtifactName::Dataset => {
+                let bytes = fetch(client, state, input).await?;
+                index = Some(DatasetIndex::from_json(
+                    &bytes,
+                    &state.cache.path(&input.sha256)?,
+                )?);
+            }
+            ArtifactName::DatasetShard(split, i) => {
+                // Shards wait in the cache; training reads them one by one.
+                drop(fetch(client, state, input).await?);
+                shard_files.push((*split, *i, state.cache.path(&input.sha256)?));
+            }
             ArtifactName::Model(model) => {
                 models.insert(model.clone(), fetch(client, state, input).await?);
             }
@@ -617,18 +626,19 @@ async fn execute(
             other => anyhow::bail!("{other} is not an input of any task"),
         }
     }
-    let dataset = dataset.context("the task lists no dataset")?;
-    let splits = match &state.dataset {
-        Some((sha, splits)) if *sha == dataset.sha256 => splits.clone(),
-        _ => {
-            let bytes = fetch(client, state, dataset).await?;
-            let path = state.cache.path(&dataset.sha256)?;
-            let splits =
-                Arc::new(tokio::task::spawn_blocking(move || decode_splits(&bytes, &path)).await??);
-            state.dataset = Some((dataset.sha256.clone(), splits.clone()));
-            splits
+    let index = index.context("the task lists no dataset index")?;
+    let [train, validation, test] = Split::ALL.map(|split| {
+        let mut files = vec![None; index.split(split).shards.len()];
+        for (s, i, path) in &shard_files {
+            if *s == split {
+                if let Some(slot) = files.get_mut(*i) {
+                    *slot = Some(path.clone());
+                }
+            }
         }
-    };
+        ShardedSplit::new(&index, split, files)
+    });
+    let (train, validation, test) = (train?, validation?, test?);
     let transfer_dir = if transfer_files.is_empty() {
         None
     } else {
@@ -637,7 +647,7 @@ async fn execute(
     let device = state.device.clone();
     // With the bucket the coordinator does not read the result: check it
     // here, as the coordinator would.
-    let check_with_classes = state.store.is_some().then(|| splits.train.num_classes());
+    let check_with_classes = state.store.is_some().then_some(index.num_classes);
     let phase = match &spec {
         TaskSpec::Train(_) => "training",
         TaskSpec::Infer(_) => "inference",
@@ -659,7 +669,11 @@ async fn execute(
     let output = tokio::task::spawn_blocking(move || {
         let _in_span = span.enter();
         let inputs = TaskInputs {
-            splits: &splits,
+            data: TaskData {
+                train: &train,
+                validation: &validation,
+                test: &test,
+            },
             models,
             transfer_dir,
             clusters,

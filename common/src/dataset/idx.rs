@@ -12,7 +12,9 @@ use super::{Dataset, Normalization};
 use crate::{Error, Result};
 
 const UNSIGNED_BYTE: u8 = 0x08;
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+pub(super) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// Classes of the MNIST-style datasets.
+pub(super) const CLASSES: usize = 10;
 
 /// The content of one IDX file of unsigned bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,8 +40,9 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
     parse_idx(path, &bytes)
 }
 
-/// Parses the bytes of an (uncompressed) IDX file; `path` is for messages.
-pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
+/// Checks the header at the start of `bytes` (an uncompressed IDX file or
+/// its beginning) and returns the dimensions and the header's length.
+pub(super) fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize)> {
     if bytes.len() < 4 {
         return Err(Error::format(
             path,
@@ -85,6 +88,12 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
+    Ok((dims, header_len))
+}
+
+/// Parses the bytes of an (uncompressed) IDX file; `path` is for messages.
+pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
+    let (dims, header_len) = parse_header(path, bytes)?;
     let expected: usize = dims.iter().product();
     let found = bytes.len() - header_len;
     if found != expected {
@@ -116,13 +125,20 @@ const FILES: [&str; 4] = [
 /// Loads an MNIST-style folder (MNIST, Fashion-MNIST) as `(train, test)`,
 /// with pixels scaled to [0, 1]. `name` prefixes the datasets' names.
 pub fn load_mnist_folder(dir: &Path, name: &str) -> Result<(Dataset, Dataset)> {
+    let paths = folder_files(dir)?;
+    let train = load_pair(&paths[0], &paths[1], &format!("{name}/train"))?;
+    let test = load_pair(&paths[2], &paths[3], &format!("{name}/test"))?;
+    Ok((train, test))
+}
+
+/// The four files of an MNIST-style folder: training images and labels,
+/// test images and labels.
+pub(super) fn folder_files(dir: &Path) -> Result<[PathBuf; 4]> {
     let paths: Vec<PathBuf> = FILES
         .iter()
         .map(|f| find_file(dir, f))
         .collect::<Result<_>>()?;
-    let train = load_pair(&paths[0], &paths[1], &format!("{name}/train"))?;
-    let test = load_pair(&paths[2], &paths[3], &format!("{name}/test"))?;
-    Ok((train, test))
+    Ok(paths.try_into().expect("four files"))
 }
 
 fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
@@ -143,37 +159,46 @@ fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     }
 }
 
-/// Loads one images file and its labels file as a dataset of 10 classes.
-pub fn load_pair(images_path: &Path, labels_path: &Path, name: &str) -> Result<Dataset> {
-    const CLASSES: usize = 10;
-    let images = read_idx(images_path)?;
-    let labels = read_idx(labels_path)?;
-    if images.dims.len() != 3 {
+/// Checks that an images file has 3 dimensions and its labels file 1, of
+/// the same count.
+pub(super) fn check_pair_dims(
+    images_path: &Path,
+    images: &[usize],
+    labels_path: &Path,
+    labels: &[usize],
+) -> Result<()> {
+    if images.len() != 3 {
         return Err(Error::format(
             images_path,
-            format!(
-                "expected 3 dimensions (count, rows, columns), found {:?}",
-                images.dims
-            ),
+            format!("expected 3 dimensions (count, rows, columns), found {images:?}"),
         ));
     }
-    if labels.dims.len() != 1 {
+    if labels.len() != 1 {
         return Err(Error::format(
             labels_path,
-            format!("expected 1 dimension (count), found {:?}", labels.dims),
+            format!("expected 1 dimension (count), found {labels:?}"),
         ));
     }
-    let (count, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
-    if labels.dims[0] != count {
+    if labels[0] != images[0] {
         return Err(Error::format(
             labels_path,
             format!(
-                "label count {} does not match the image count {count} of {}",
-                labels.dims[0],
+                "label count {} does not match the image count {} of {}",
+                labels[0],
+                images[0],
                 images_path.display()
             ),
         ));
     }
+    Ok(())
+}
+
+/// Loads one images file and its labels file as a dataset of 10 classes.
+pub fn load_pair(images_path: &Path, labels_path: &Path, name: &str) -> Result<Dataset> {
+    let images = read_idx(images_path)?;
+    let labels = read_idx(labels_path)?;
+    check_pair_dims(images_path, &images.dims, labels_path, &labels.dims)?;
+    let (h, w) = (images.dims[1], images.dims[2]);
     if let Some((i, &l)) = labels
         .data
         .iter()

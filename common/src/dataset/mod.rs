@@ -5,9 +5,11 @@
 //! height and width so that augmentations can move pixels. Features are
 //! already normalised (see [`Normalization`]).
 
-pub mod bundle;
+pub mod examples;
 pub mod idx;
+pub mod shard;
 pub mod source;
+pub mod stream;
 pub mod synthetic;
 
 use std::ops::Range;
@@ -212,12 +214,9 @@ impl Dataset {
                 ),
             ));
         }
-        let mut order: Vec<usize> = (0..self.len()).collect();
-        order.shuffle(&mut seed::rng(seed, Stream::Split));
-        let mut held_out = order[..validation_size].to_vec();
-        let mut kept = order[validation_size..].to_vec();
-        held_out.sort_unstable();
-        kept.sort_unstable();
+        let held_out_mask = validation_mask(self.len(), validation_size, seed)?;
+        let (held_out, kept): (Vec<usize>, Vec<usize>) =
+            (0..self.len()).partition(|&i| held_out_mask[i]);
         Ok((
             self.subset(&kept, format!("{}/train", self.name)),
             self.subset(&held_out, format!("{}/validation", self.name)),
@@ -233,20 +232,46 @@ impl Dataset {
         counts
     }
 
-    /// A sha256 over shape, labels and features: two datasets with the same
-    /// fingerprint hold the same examples in the same order.
+    /// A sha256 over the shape, then each example's label and features in
+    /// order: two datasets with the same fingerprint hold the same examples
+    /// in the same order. Computed the same way while streaming (see
+    /// [`shard::ShardWriter`]).
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
-        for n in [self.len(), self.dim, self.num_classes] {
-            h.update((n as u64).to_le_bytes());
-        }
-        for &l in &self.labels {
-            h.update(l.to_le_bytes());
-        }
-        for &x in &self.features {
-            h.update(x.to_le_bytes());
+        let mut h = fingerprint_hasher(self.len(), self.dim, self.num_classes);
+        for (i, &label) in self.labels.iter().enumerate() {
+            hash_example(&mut h, label, self.example(i));
         }
         hex::encode(h.finalize())
+    }
+
+    /// An empty dataset of the same shape called `name`, with room for
+    /// `capacity` examples.
+    pub fn empty_like(&self, name: String, capacity: usize) -> Dataset {
+        Dataset {
+            name,
+            features: Vec::with_capacity(capacity * self.dim),
+            labels: Vec::with_capacity(capacity),
+            ..self.without_data()
+        }
+    }
+
+    /// Appends example `i` of `other` (of the same shape).
+    pub fn push_example(&mut self, other: &Dataset, i: usize) {
+        debug_assert_eq!(self.dim, other.dim);
+        self.features.extend_from_slice(other.example(i));
+        self.labels.push(other.labels[i]);
+    }
+
+    /// The examples of `parts` (of one shape, at least one), one after the
+    /// other.
+    pub fn concat(parts: &[&Dataset], name: String) -> Dataset {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let mut out = parts[0].empty_like(name, len);
+        for p in parts {
+            out.features.extend_from_slice(&p.features);
+            out.labels.extend_from_slice(&p.labels);
+        }
+        out
     }
 
     fn without_data(&self) -> Dataset {
@@ -259,6 +284,53 @@ impl Dataset {
             image_shape: self.image_shape,
             normalization: self.normalization,
         }
+    }
+}
+
+/// Which of `len` examples [`Dataset::split_validation`] holds out for
+/// validation: `validation_size` of them, drawn with `seed` (4 bytes per
+/// example while drawing, 1 in the mask).
+pub fn validation_mask(len: usize, validation_size: usize, seed: u64) -> Result<Vec<bool>> {
+    if validation_size >= len {
+        return Err(Error::invalid(
+            "validation_size",
+            format!("{validation_size} leaves no training examples ({len} examples)"),
+        ));
+    }
+    let len32 = u32::try_from(len).map_err(|_| {
+        Error::invalid(
+            "dataset",
+            format!("{len} examples; at most 2^32 - 1 are supported"),
+        )
+    })?;
+    // The permutation depends only on the length, not on the element type.
+    let mut order: Vec<u32> = (0..len32).collect();
+    order.shuffle(&mut seed::rng(seed, Stream::Split));
+    let mut mask = vec![false; len];
+    for &i in &order[..validation_size] {
+        mask[i as usize] = true;
+    }
+    Ok(mask)
+}
+
+/// The hasher of [`Dataset::fingerprint`] after the shape.
+fn fingerprint_hasher(len: usize, dim: usize, num_classes: usize) -> Sha256 {
+    let mut h = Sha256::new();
+    for n in [len, dim, num_classes] {
+        h.update((n as u64).to_le_bytes());
+    }
+    h
+}
+
+/// Adds one example to a fingerprint.
+fn hash_example(h: &mut Sha256, label: u32, features: &[f32]) {
+    h.update(label.to_le_bytes());
+    let mut bytes = [0u8; 256];
+    for chunk in features.chunks(64) {
+        for (b, x) in bytes.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        h.update(&bytes[..chunk.len() * 4]);
     }
 }
 

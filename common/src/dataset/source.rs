@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::stream::{IdxSource, SourceStream, SyntheticSource};
 use super::synthetic::SyntheticSpec;
 use super::Dataset;
 use crate::paths::datasets_dir;
@@ -81,19 +82,37 @@ impl DatasetSource {
             DatasetSource::Synthetic => options.synthetic.cloned().unwrap_or_default().generate(),
             DatasetSource::Mnist | DatasetSource::FashionMnist => {
                 let dir = self.dir(options);
-                super::idx::load_mnist_folder(&dir, self.name()).map_err(|e| {
-                    Error::invalid(
-                        "dataset",
-                        format!(
-                            "{e}\n(dataset.source = {:?} reads the IDX files from `dataset.dir`, \
-                             default $DATASETS_DIR/{}; set DATASETS_DIR or `dataset.dir`)",
-                            self.name(),
-                            self.name()
-                        ),
-                    )
-                })
+                super::idx::load_mnist_folder(&dir, self.name()).map_err(|e| self.explain(e))
             }
         }
+    }
+
+    /// Opens the source to read in chunks (see [`super::stream`]).
+    pub fn open(self, options: SourceOptions<'_>) -> Result<Box<dyn SourceStream>> {
+        match self {
+            DatasetSource::Synthetic => Ok(Box::new(SyntheticSource::new(
+                &options.synthetic.cloned().unwrap_or_default(),
+            )?)),
+            DatasetSource::Mnist | DatasetSource::FashionMnist => {
+                let dir = self.dir(options);
+                Ok(Box::new(
+                    IdxSource::open(&dir, self.name()).map_err(|e| self.explain(e))?,
+                ))
+            }
+        }
+    }
+
+    /// `e` (a file-based source's error) with where its files are looked for.
+    fn explain(self, e: Error) -> Error {
+        Error::invalid(
+            "dataset",
+            format!(
+                "{e}\n(dataset.source = {:?} reads the IDX files from `dataset.dir`, \
+                 default $DATASETS_DIR/{}; set DATASETS_DIR or `dataset.dir`)",
+                self.name(),
+                self.name()
+            ),
+        )
     }
 
     /// The folder a file-based source reads: `options.dir`, or its folder

@@ -13,7 +13,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::{Dataset, Normalization};
-use crate::seed::{self, Stream};
+use crate::seed::{self, ChaCha8Rng, Stream};
 use crate::{Error, Result};
 
 /// Parameters of the synthetic dataset.
@@ -96,9 +96,17 @@ impl SyntheticSpec {
 
     /// Generates `(train, test)` from the same class geometry.
     pub fn generate(&self) -> Result<(Dataset, Dataset)> {
+        let mut stream = self.stream()?;
+        let train = stream.next(self.train_size)?;
+        let test = stream.next(self.test_size)?;
+        Ok((train, test))
+    }
+
+    /// The same examples as [`SyntheticSpec::generate`], in chunks: the
+    /// training examples, then the test examples.
+    pub fn stream(&self) -> Result<SyntheticStream> {
         self.validate()?;
         let mut rng = seed::rng(self.seed, Stream::Synthetic);
-        let gaussian = |sd: f32| Normal::new(0.0, sd).expect("validated standard deviation");
         let groups = self.num_classes.div_ceil(self.group_size);
         let group_centres: Vec<Vec<f32>> = (0..groups)
             .map(|_| {
@@ -121,31 +129,64 @@ impl SyntheticSpec {
                 [a, b]
             })
             .collect();
-        let mut sample = |n: usize, name: &str| {
-            let mut features = Vec::with_capacity(n * self.dim);
-            let mut labels = Vec::with_capacity(n);
-            for _ in 0..n {
-                let class = rng.random_range(0..self.num_classes);
-                let mode = &modes[class][rng.random_range(0..2)];
-                features.extend(
-                    mode.iter()
-                        .map(|m| m + gaussian(self.noise).sample(&mut rng)),
-                );
-                labels.push(class as u32);
-            }
-            Dataset::new(
-                name,
-                features,
-                labels,
-                self.dim,
-                self.num_classes,
-                None,
-                Normalization::Identity,
-            )
+        Ok(SyntheticStream {
+            spec: self.clone(),
+            rng,
+            modes,
+            made: 0,
+        })
+    }
+}
+
+fn gaussian(sd: f32) -> Normal<f32> {
+    Normal::new(0.0, sd).expect("validated standard deviation")
+}
+
+/// The synthetic examples of a [`SyntheticSpec`], made on demand: each
+/// depends on the ones before it (one random stream), so they come in
+/// order, training examples first.
+pub struct SyntheticStream {
+    spec: SyntheticSpec,
+    rng: ChaCha8Rng,
+    modes: Vec<[Vec<f32>; 2]>,
+    made: usize,
+}
+
+impl SyntheticStream {
+    /// The next `n` examples (training examples while there are any; a
+    /// chunk does not straddle the two), named after their split.
+    pub fn next(&mut self, n: usize) -> Result<Dataset> {
+        let spec = &self.spec;
+        let in_train = self.made < spec.train_size;
+        let left = if in_train {
+            spec.train_size - self.made
+        } else {
+            spec.train_size + spec.test_size - self.made
         };
-        let train = sample(self.train_size, "synthetic/train")?;
-        let test = sample(self.test_size, "synthetic/test")?;
-        Ok((train, test))
+        let n = n.min(left);
+        let mut features = Vec::with_capacity(n * spec.dim);
+        let mut labels = Vec::with_capacity(n);
+        let noise = gaussian(spec.noise);
+        for _ in 0..n {
+            let class = self.rng.random_range(0..spec.num_classes);
+            let mode = &self.modes[class][self.rng.random_range(0..2)];
+            features.extend(mode.iter().map(|m| m + noise.sample(&mut self.rng)));
+            labels.push(class as u32);
+        }
+        self.made += n;
+        Dataset::new(
+            if in_train {
+                "synthetic/train"
+            } else {
+                "synthetic/test"
+            },
+            features,
+            labels,
+            spec.dim,
+            spec.num_classes,
+            None,
+            Normalization::Identity,
+        )
     }
 }
 

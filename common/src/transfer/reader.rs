@@ -6,7 +6,7 @@ use super::dense;
 use super::manifest::{Encoding, Manifest, MANIFEST_FILE};
 use super::targets::{soft_targets, EnsembleCombine};
 use crate::checksum::sha256_hex;
-use crate::dataset::Dataset;
+use crate::dataset::examples::Examples;
 use crate::{Error, Result};
 
 /// A complete transfer set on disk, opened through its manifest.
@@ -120,8 +120,8 @@ impl TransferSet {
     }
 
     /// Checks that the transfer set was made for exactly these examples.
-    pub fn check_dataset(&self, dataset: &Dataset) -> Result<()> {
-        let found = dataset.fingerprint();
+    pub fn check_dataset(&self, dataset: &dyn Examples) -> Result<()> {
+        let found = dataset.fingerprint()?;
         if found != self.manifest.dataset_fingerprint || dataset.len() != self.manifest.num_examples
         {
             return Err(Error::format(

@@ -104,6 +104,14 @@ pub struct DatasetConfig {
     /// Parameters of the synthetic problem (`source = "synthetic"` only).
     #[serde(default)]
     pub synthetic: Option<SyntheticSpec>,
+    /// Examples per stored dataset shard (the last shard of a split may
+    /// hold fewer).
+    #[serde(default = "default_shard_examples")]
+    pub shard_examples: usize,
+    /// Training shards shuffled together (see
+    /// [`distill::hparams::TrainConfig::shuffle_window_shards`]).
+    #[serde(default = "default_shuffle_window_shards")]
+    pub shuffle_window_shards: usize,
 }
 
 impl DatasetConfig {
@@ -118,6 +126,14 @@ impl DatasetConfig {
 
 fn default_validation_size() -> usize {
     5000
+}
+
+fn default_shard_examples() -> usize {
+    common::dataset::shard::DEFAULT_SHARD_EXAMPLES
+}
+
+fn default_shuffle_window_shards() -> usize {
+    4
 }
 
 /// `[teachers]`: the ensemble of generalist teachers.

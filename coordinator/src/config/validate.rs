@@ -191,6 +191,14 @@ impl ClusterConfig {
                 "must be at least 1, got 0".into(),
             ));
         }
+        for (key, value) in [
+            ("dataset.shard_examples", d.shard_examples),
+            ("dataset.shuffle_window_shards", d.shuffle_window_shards),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1, got 0".into()));
+            }
+        }
         if d.train_limit == Some(0) {
             return Err(invalid(
                 "dataset.train_limit",

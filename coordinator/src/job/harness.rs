@@ -12,6 +12,7 @@ use bytes::Bytes;
 use common::artifact::{ArtifactName, ArtifactRef};
 use common::blob::{self, BlobError, BlobStore, ByteStream, MemoryStore, PutMode, Written};
 use common::checksum::sha256_hex;
+use common::dataset::shard::{DatasetLayout, Split};
 use futures_util::StreamExt;
 
 use super::{
@@ -103,6 +104,11 @@ impl Harness {
         )
     }
 
+    /// 10 training examples in shards of 4, 4 validation and 4 test examples.
+    fn harness_layout() -> DatasetLayout {
+        DatasetLayout::new([10, 4, 4], 4).unwrap()
+    }
+
     fn start(
         store: Arc<LockCheckedStore>,
         state_dir: tempfile::TempDir,
@@ -115,15 +121,38 @@ impl Harness {
              [teachers]\nhidden = [4]\n[student]\nhidden = [4]\n{extra}"
         );
         let cfg = ClusterConfig::parse(&text, "c.toml".as_ref(), state_dir.path()).unwrap();
-        let plan = crate::plan::plan(&cfg, 10).unwrap();
+        let plan = crate::plan::plan(&cfg, &Self::harness_layout()).unwrap();
         let state = StateDb::open(&state_dir.path().join("state")).unwrap();
-        let dataset = futures_executor(blob::put_bytes(
-            &*store,
-            &ArtifactName::Dataset.key(),
-            b"splits".to_vec(),
-            PutMode::Overwrite,
-        ))
-        .unwrap();
+        let mut dataset = Vec::new();
+        let layout = Self::harness_layout();
+        let mut names: Vec<ArtifactName> = Split::ALL
+            .iter()
+            .flat_map(|&split| {
+                layout
+                    .all(split)
+                    .map(move |i| ArtifactName::DatasetShard(split, i))
+            })
+            .collect();
+        names.push(ArtifactName::Dataset);
+        for name in names {
+            let bytes = match name {
+                ArtifactName::Dataset => b"splits".to_vec(),
+                _ => name.to_string().into_bytes(),
+            };
+            let written = futures_executor(blob::put_bytes(
+                &*store,
+                &name.key(),
+                bytes,
+                PutMode::Overwrite,
+            ))
+            .unwrap();
+            dataset.push(ArtifactRef {
+                name,
+                sha256: written.sha256,
+                size: written.size,
+                key: None,
+            });
+        }
         let job = Job::new(
             plan,
             DatasetFacts {
@@ -131,12 +160,7 @@ impl Harness {
                 train_len: 10,
                 num_classes: 3,
             },
-            ArtifactRef {
-                name: ArtifactName::Dataset,
-                sha256: dataset.sha256,
-                size: dataset.size,
-                key: None,
-            },
+            dataset,
             LeasePolicy {
                 timeout: 10 * SECOND,
                 max_attempts: 2,
@@ -363,9 +387,24 @@ async fn leases_carry_the_spec_and_the_inputs_checksums() {
     assert_eq!(task.task_id, "teacher-0");
     let spec: distill::task::TaskSpec = serde_json::from_slice(&task.spec_json).unwrap();
     assert_eq!(spec.describe(), "train teacher-0");
-    assert_eq!(task.inputs.len(), 1);
     assert_eq!(task.inputs[0].name, ArtifactName::Dataset);
     assert_eq!(task.inputs[0].sha256, sha256_hex(b"splits"));
+    let names: Vec<String> = task.inputs[1..]
+        .iter()
+        .map(|i| i.name.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dataset/train/shard-00000.safetensors",
+            "dataset/train/shard-00001.safetensors",
+            "dataset/train/shard-00002.safetensors",
+            "dataset/validation/shard-00000.safetensors",
+        ],
+        "a teacher reads the training and validation shards, not the test split's"
+    );
+    let shard = &task.inputs[2];
+    assert_eq!(shard.sha256, sha256_hex(shard.name.to_string().as_bytes()));
 }
 
 #[tokio::test]

@@ -170,14 +170,14 @@ pub struct Job {
 
 impl Job {
     /// A job about to start whose fencing ids start at `first_attempt`
-    /// (the state database's floor); `dataset` is the stored dataset
-    /// bundle; `instance` tells this coordinator process's worker ids from
+    /// (the state database's floor); `stored_dataset` holds the dataset's
+    /// stored shards and index; `instance` tells this coordinator process's worker ids from
     /// an earlier one's (a random number). See [`SharedJob::resume`] to
     /// take up an earlier run.
     pub fn new(
         plan: Plan,
         dataset: DatasetFacts,
-        bundle: ArtifactRef,
+        stored_dataset: Vec<ArtifactRef>,
         leases: LeasePolicy,
         first_attempt: u64,
         instance: u32,
@@ -215,7 +215,9 @@ impl Job {
             next_worker: 1,
             instance,
         };
-        job.record_artifact(bundle);
+        for artifact in stored_dataset {
+            job.record_artifact(artifact);
+        }
         job
     }
 

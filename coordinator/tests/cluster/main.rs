@@ -21,7 +21,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::dataset::bundle::decode_splits;
+use common::dataset::examples::Examples;
+use common::dataset::shard::{DatasetIndex, ShardedSplit, Split};
 use common::transfer::TransferSet;
 use proto::auth::TOKEN_ENV;
 
@@ -67,6 +68,9 @@ max_attempts = 3
 [dataset]
 source = "synthetic"
 validation_size = 300
+# Several shards per split, read two at a time, across processes.
+shard_examples = 512
+shuffle_window_shards = 2
 [dataset.synthetic]
 num_classes = 6
 group_size = 3
@@ -459,12 +463,30 @@ fn check_outputs(out: &Path) -> serde_json::Value {
     assert!(models[3]["teachers"].as_array().unwrap().is_empty());
 
     let set = TransferSet::open(&out.join("transfer")).unwrap();
-    let splits = decode_splits(
-        &std::fs::read(out.join("dataset.safetensors")).unwrap(),
-        Path::new("dataset"),
-    )
-    .unwrap();
-    set.check_dataset(&splits.train).unwrap();
+    let index_path = out.join("dataset/index.json");
+    let index = DatasetIndex::from_json(&std::fs::read(&index_path).unwrap(), &index_path).unwrap();
+    assert_eq!(
+        index
+            .train
+            .shards
+            .iter()
+            .map(|s| s.rows)
+            .collect::<Vec<_>>(),
+        [512, 512, 176],
+        "the training split in shards of 512"
+    );
+    let files = index
+        .train
+        .shards
+        .iter()
+        .map(|s| Some(out.join(&s.key)))
+        .collect();
+    let train = ShardedSplit::new(&index, Split::Train, files).unwrap();
+    assert_eq!(
+        train.load_all().unwrap().fingerprint(),
+        index.train.fingerprint
+    );
+    set.check_dataset(&train).unwrap();
     assert_eq!(set.num_shards(), 4);
     let mut rows = 0;
     for shard in set.shards() {
@@ -475,7 +497,7 @@ fn check_outputs(out: &Path) -> serde_json::Value {
         }
         rows += shard.rows();
     }
-    assert_eq!(rows, splits.train.len(), "one row per transfer example");
+    assert_eq!(rows, train.len(), "one row per transfer example");
     assert_eq!(report["transfer_set"]["examples"], rows);
     assert_eq!(report["transfer_set"]["shards"], 4);
     for name in ["teacher-0", "teacher-1", "student", "baseline"] {

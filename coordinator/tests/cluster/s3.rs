@@ -68,7 +68,8 @@ fn a_job_with_s3_storage_keeps_its_artifacts_in_the_bucket() {
     runtime.block_on(async {
         let keys = store.list("").await.unwrap();
         for key in [
-            "dataset.safetensors",
+            "dataset/index.json",
+            "dataset/train/shard-00000.safetensors",
             "report.json",
             "report.md",
             "transfer/manifest.json",

@@ -45,7 +45,11 @@ impl MlpSpec {
 
     /// Checks that a model of this shape can read `data`: same feature count
     /// and class count. `id` names the model in the message.
-    pub fn ensure_fits(&self, id: &str, data: &common::dataset::Dataset) -> Result<()> {
+    pub fn ensure_fits(
+        &self,
+        id: &str,
+        data: &dyn common::dataset::examples::Examples,
+    ) -> Result<()> {
         if self.input_dim == data.dim() && self.num_classes == data.num_classes() {
             return Ok(());
         }

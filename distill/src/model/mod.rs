@@ -19,7 +19,7 @@ mod mlp;
 pub use mlp::{Dense, Dropout, DropoutMasks, Mlp, MlpSpec};
 
 use candle_core::Device;
-use common::dataset::Dataset;
+
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{Logits, Predictor};
@@ -97,7 +97,11 @@ impl Architecture {
 
     /// Checks that a model of this architecture can read `data`: same
     /// feature and class counts. `id` names the model in the message.
-    pub fn ensure_fits(&self, id: &str, data: &Dataset) -> Result<()> {
+    pub fn ensure_fits(
+        &self,
+        id: &str,
+        data: &dyn common::dataset::examples::Examples,
+    ) -> Result<()> {
         match self {
             Architecture::Mlp(spec) => spec.ensure_fits(id, data),
         }

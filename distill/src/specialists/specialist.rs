@@ -4,7 +4,8 @@
 //! with its dustbin logit corrected afterwards.
 
 use candle_core::{Device, Var};
-use common::dataset::{Dataset, Splits};
+use common::dataset::examples::Examples;
+use common::dataset::Dataset;
 
 use super::dustbin::{
     dustbin_logit_correction, enriched_dustbin_fraction, natural_dustbin_fraction, specialist_label,
@@ -126,21 +127,20 @@ pub struct SpecialistTraining {
 }
 
 /// Trains a specialist covering `classes`, started from `generalist`, on
-/// the enriched stream of `splits.train` (validated on `splits.validation`
-/// relabelled the same way), then raises its dustbin bias by
-/// [`dustbin_logit_correction`].
+/// the enriched stream of `train` (validated on `validation` relabelled the
+/// same way), then raises its dustbin bias by [`dustbin_logit_correction`].
 pub fn train_specialist(
     generalist: &Mlp,
     classes: &[usize],
-    splits: &Splits,
+    (train, validation): (&dyn Examples, &Dataset),
     cfg: &TrainConfig,
     device: &Device,
     observer: &mut dyn TrainObserver,
 ) -> Result<(Mlp, SpecialistTraining)> {
-    generalist.spec().ensure_fits("generalist", &splits.train)?;
+    generalist.spec().ensure_fits("generalist", train)?;
     let model = init_from_generalist(generalist, classes, device)?;
-    let train_labels = splits.train.labels();
-    let labels = specialist_labels(train_labels, classes);
+    let train_labels = train.labels()?;
+    let labels = specialist_labels(&train_labels, classes);
     let dustbin = classes.len() as u32;
     let (own, rest): (Vec<usize>, Vec<usize>) =
         (0..labels.len()).partition(|&i| labels[i] != dustbin);
@@ -155,10 +155,10 @@ pub fn train_specialist(
             ),
         ));
     }
-    let validation = relabel(&splits.validation, classes)?;
+    let validation = relabel(validation, classes)?;
     let training = train_observed(
         &model,
-        &splits.train,
+        train,
         &validation,
         Targets::Enriched {
             labels: &labels,
@@ -170,7 +170,7 @@ pub fn train_specialist(
         device,
         observer,
     )?;
-    let natural = natural_dustbin_fraction(train_labels, classes);
+    let natural = natural_dustbin_fraction(&train_labels, classes);
     let trained = enriched_dustbin_fraction(own.len(), rest.len());
     let correction = dustbin_logit_correction(natural, trained);
     let output = model.layers().last().expect("an output layer");
@@ -247,7 +247,7 @@ mod tests {
             ..SyntheticSpec::default()
         };
         let (train, test) = data.generate().unwrap();
-        let splits = Splits::new(&train, test, 500, 1).unwrap();
+        let splits = common::dataset::Splits::new(&train, test, 500, 1).unwrap();
         let spec = MlpSpec::new(12, vec![32], 6).unwrap();
         let g = Mlp::new_random(spec, &mut seed::rng(1, Stream::Init), &Device::Cpu).unwrap();
         let cfg = TrainConfig {
@@ -258,8 +258,15 @@ mod tests {
         let classes = [0, 1, 2];
         struct Quiet;
         impl TrainObserver for Quiet {}
-        let (s, t) =
-            train_specialist(&g, &classes, &splits, &cfg, &Device::Cpu, &mut Quiet).unwrap();
+        let (s, t) = train_specialist(
+            &g,
+            &classes,
+            (&splits.train, &splits.validation),
+            &cfg,
+            &Device::Cpu,
+            &mut Quiet,
+        )
+        .unwrap();
         // About half the training split is in classes 0..3, so the stream
         // is half and half and the dustbin barely under-sampled.
         assert_eq!(t.trained_dustbin, 0.5);

@@ -9,10 +9,11 @@ use common::seed::{self, Stream};
 use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
-use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput};
+use super::{dataset_inputs, load_model, tick, Checked, JobLayout, Run, TaskKind, TaskOutput};
 use crate::specialists::clustering::confusable_clusters;
 use crate::specialists::ensemble::Clusters;
 use crate::{Error, Result};
+use common::dataset::shard::Split;
 
 /// Which classes each specialist covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,12 +41,11 @@ pub struct ClusterSummary {
 }
 
 impl TaskKind for ClusterTask {
-    /// The dataset and the generalist.
-    fn inputs(&self, _: usize) -> Vec<ArtifactName> {
-        vec![
-            ArtifactName::Dataset,
-            ArtifactName::Model(self.generalist.clone()),
-        ]
+    /// The training split and the generalist.
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        let mut inputs = dataset_inputs(job.dataset, job.dataset.all(Split::Train), false, false);
+        inputs.push(ArtifactName::Model(self.generalist.clone()));
+        inputs
     }
 
     fn output(&self) -> ArtifactName {
@@ -70,11 +70,14 @@ impl TaskKind for ClusterTask {
 
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
-        let train = &inputs.splits.train;
+        let train = inputs.data.train;
         let classes = train.num_classes();
         let started = Instant::now();
         let generalist = load_model(inputs, &self.generalist, device)?;
-        let logits = generalist.logits(train)?;
+        let mut logits = Vec::with_capacity(train.len() * classes);
+        for shard in 0..train.shard_ranges().len() {
+            logits.extend(generalist.logits(&*train.shard(shard)?)?);
+        }
         let probs = soft_targets(&[&logits], classes, 1.0, EnsembleCombine::Arithmetic)?;
         tick(observer, 1, started, train.len())?;
         if self.specialists < 2 || self.specialists > classes {

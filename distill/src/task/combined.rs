@@ -7,7 +7,7 @@ use common::dataset::Dataset;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::ModelEvaluation;
-use super::{load_model, load_model_file, TaskInputs};
+use super::{load_model, load_model_file, HeldOut, TaskInputs};
 use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits};
 use crate::specialists::ensemble::{Clusters, SpecialistEnsemble};
 use crate::specialists::specialist::relabel;
@@ -28,14 +28,14 @@ pub struct CombinedSpec {
     pub top_n: usize,
 }
 
-/// What a task reading `models` and maybe the combination reads: the
-/// dataset, the models, then what the combination needs besides them (the
-/// generalist unless among them, the specialists, the clusters).
+/// What a task reading `models` and maybe the combination reads besides
+/// the dataset: the models, then what the combination needs besides them
+/// (the generalist unless among them, the specialists, the clusters).
 pub(super) fn models_and_combination(
     models: &[String],
     combined: Option<&CombinedSpec>,
 ) -> Vec<ArtifactName> {
-    let mut inputs = vec![ArtifactName::Dataset];
+    let mut inputs = Vec::new();
     inputs.extend(models.iter().cloned().map(ArtifactName::Model));
     if let Some(combined) = combined {
         let generalist = ArtifactName::Model(combined.generalist.clone());
@@ -96,9 +96,9 @@ impl<'a> CombinedModels<'a> {
 pub(super) fn evaluate_combined(
     spec: &CombinedSpec,
     inputs: &TaskInputs<'_>,
+    splits: &HeldOut<'_>,
     device: &Device,
 ) -> Result<Vec<ModelEvaluation>> {
-    let splits = inputs.splits;
     let models = CombinedModels::load(spec, inputs, device)?;
     let mut results = Vec::with_capacity(spec.specialists.len() + 1);
     for ((name, model), classes) in spec
@@ -153,12 +153,12 @@ fn load_specialist(
 ) -> Result<Box<dyn Logits>> {
     let model = load_model_file(inputs, name, device)?;
     let input_dim = model.architecture().input_dim();
-    if input_dim != inputs.splits.train.dim() {
+    if input_dim != inputs.data.train.dim() {
         return Err(Error::invalid(
             "specialist",
             format!(
                 "{name} reads {input_dim} features, the data has {}",
-                inputs.splits.train.dim()
+                inputs.data.train.dim()
             ),
         ));
     }

@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use common::artifact::ArtifactName;
-use common::dataset::{Dataset, Splits};
+use common::dataset::Dataset;
 use common::transfer::{soft_targets, EnsembleCombine};
 use serde::{Deserialize, Serialize};
 
 use super::combined::{evaluate_combined, models_and_combination, CombinedSpec};
-use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput, TimedSummary};
+use super::{
+    dataset_inputs, load_model, tick, Checked, HeldOut, JobLayout, Run, TaskKind, TaskOutput,
+    TimedSummary,
+};
 use crate::eval::{argmax_rows_host, evaluate_logits, Evaluation, Logits};
 use crate::{Error, Result};
 
@@ -104,8 +107,10 @@ pub struct ModelEvaluation {
 impl TaskKind for EvaluateTask {
     /// The dataset, the models, and what the combination needs besides
     /// them.
-    fn inputs(&self, _: usize) -> Vec<ArtifactName> {
-        models_and_combination(&self.models, self.combined.as_ref())
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        let mut inputs = dataset_inputs(job.dataset, [], true, true);
+        inputs.extend(models_and_combination(&self.models, self.combined.as_ref()));
+        inputs
     }
 
     fn output(&self) -> ArtifactName {
@@ -121,7 +126,7 @@ impl TaskKind for EvaluateTask {
 
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
-        let splits = inputs.splits;
+        let splits = &inputs.data.held_out()?;
         let started = Instant::now();
         let mut results = Vec::new();
         let mut models = HashMap::new();
@@ -141,7 +146,7 @@ impl TaskKind for EvaluateTask {
             results.push(evaluate_ensemble(ens, &models, splits)?);
         }
         if let Some(combined) = &self.combined {
-            results.extend(evaluate_combined(combined, inputs, device)?);
+            results.extend(evaluate_combined(combined, inputs, splits, device)?);
         }
         if let Some(adjustment) = &self.bias_adjustment {
             let model = models.get(&adjustment.model).ok_or_else(|| {
@@ -164,7 +169,7 @@ impl TaskKind for EvaluateTask {
 fn evaluate_ensemble(
     ens: &EnsembleSpec,
     models: &HashMap<String, Box<dyn Logits>>,
-    splits: &Splits,
+    splits: &HeldOut<'_>,
 ) -> Result<ModelEvaluation> {
     let members = ens
         .members
@@ -198,7 +203,7 @@ fn evaluate_ensemble(
 fn evaluate_bias_adjusted(
     model: &dyn Logits,
     adjustment: &BiasAdjustment,
-    splits: &Splits,
+    splits: &HeldOut<'_>,
 ) -> Result<ModelEvaluation> {
     let classes = splits.test.num_classes();
     if let Some(c) = adjustment.classes.iter().find(|&&c| c as usize >= classes) {

@@ -11,9 +11,12 @@ use common::transfer::{
 use serde::{Deserialize, Serialize};
 
 use super::combined::{models_and_combination, CombinedModels, CombinedSpec};
-use super::{load_model, tick, Checked, Run, TaskKind, TaskOutput, TimedSummary};
+use super::{
+    dataset_inputs, load_model, tick, Checked, JobLayout, Run, TaskKind, TaskOutput, TimedSummary,
+};
 use crate::specialists::ensemble::log_probabilities;
 use crate::Result;
+use common::dataset::shard::Split;
 
 /// Teacher inference over examples `start..end` of the training split.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +49,14 @@ impl InferTask {
 impl TaskKind for InferTask {
     /// The dataset, the teachers, and what the combination needs besides
     /// them.
-    fn inputs(&self, _: usize) -> Vec<ArtifactName> {
-        models_and_combination(&self.teachers, self.combined.as_ref())
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        let shards = job.dataset.overlapping(Split::Train, self.start..self.end);
+        let mut inputs = dataset_inputs(job.dataset, shards, false, false);
+        inputs.extend(models_and_combination(
+            &self.teachers,
+            self.combined.as_ref(),
+        ));
+        inputs
     }
 
     fn output(&self) -> ArtifactName {
@@ -70,8 +79,9 @@ impl TaskKind for InferTask {
 
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
-        let train = &inputs.splits.train;
-        let rows = self.start..self.end;
+        let (train, offset) = inputs.data.train.load_range(self.start..self.end)?;
+        let train = &*train;
+        let rows = self.start - offset..self.end - offset;
         let started = Instant::now();
         let mut logits = Vec::with_capacity(self.teachers.len() + 1);
         for (k, name) in self.teachers.iter().enumerate() {

@@ -22,7 +22,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use common::artifact::ArtifactName;
-use common::dataset::Splits;
+use common::dataset::examples::Examples;
+use common::dataset::shard::{DatasetLayout, Split};
+use common::dataset::{Dataset, Splits};
 use common::transfer::ShardEntry;
 use serde::{Deserialize, Serialize};
 
@@ -66,11 +68,97 @@ pub enum TaskSpec {
     Noop(NoopTask),
 }
 
+/// The job's splits as a task reads them: shard by shard, and only the
+/// shards it listed among its inputs (the others fail to load).
+#[derive(Clone, Copy)]
+pub struct TaskData<'a> {
+    /// The training split.
+    pub train: &'a dyn Examples,
+    /// The validation split.
+    pub validation: &'a dyn Examples,
+    /// The test split.
+    pub test: &'a dyn Examples,
+}
+
+impl<'a> From<&'a Splits> for TaskData<'a> {
+    fn from(splits: &'a Splits) -> Self {
+        TaskData {
+            train: &splits.train,
+            validation: &splits.validation,
+            test: &splits.test,
+        }
+    }
+}
+
+impl std::fmt::Debug for TaskData<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = |e: &dyn Examples| format!("{} ({} examples)", e.name(), e.len());
+        f.debug_struct("TaskData")
+            .field("train", &d(self.train))
+            .field("validation", &d(self.validation))
+            .field("test", &d(self.test))
+            .finish()
+    }
+}
+
+/// The validation and test splits, in memory (what evaluations read).
+pub(crate) struct HeldOut<'a> {
+    /// The validation split.
+    pub validation: std::borrow::Cow<'a, Dataset>,
+    /// The test split.
+    pub test: std::borrow::Cow<'a, Dataset>,
+}
+
+impl<'a> TaskData<'a> {
+    /// The validation and test splits, loaded.
+    pub(crate) fn held_out(&self) -> Result<HeldOut<'a>> {
+        Ok(HeldOut {
+            validation: self.validation.load_all()?,
+            test: self.test.load_all()?,
+        })
+    }
+}
+
+/// What a job's artifacts look like, as tasks need it to name their inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct JobLayout<'a> {
+    /// Shards of the transfer set.
+    pub transfer_shards: usize,
+    /// The dataset's shards.
+    pub dataset: &'a DatasetLayout,
+}
+
+/// The dataset's index, then the shards of `train` (indices), and of the
+/// validation and test splits when asked for.
+fn dataset_inputs(
+    layout: &DatasetLayout,
+    train: impl IntoIterator<Item = usize>,
+    validation: bool,
+    test: bool,
+) -> Vec<ArtifactName> {
+    let mut inputs = vec![ArtifactName::Dataset];
+    inputs.extend(
+        train
+            .into_iter()
+            .map(|i| ArtifactName::DatasetShard(Split::Train, i)),
+    );
+    for (split, wanted) in [(Split::Validation, validation), (Split::Test, test)] {
+        if wanted {
+            inputs.extend(
+                layout
+                    .all(split)
+                    .map(|i| ArtifactName::DatasetShard(split, i)),
+            );
+        }
+    }
+    inputs
+}
+
 /// What a task reads, already downloaded and verified.
 #[derive(Debug)]
 pub struct TaskInputs<'a> {
     /// The job's splits.
-    pub splits: &'a Splits,
+    pub data: TaskData<'a>,
     /// Model files by model name (the bytes of `models/<name>`).
     pub models: HashMap<String, Vec<u8>>,
     /// A folder holding the transfer set, for distillation.
@@ -149,9 +237,9 @@ pub enum Checked {
 /// What each kind of task does; a new kind is one module with one
 /// implementation, and one variant of [`TaskSpec`].
 trait TaskKind {
-    /// The artifacts it reads, in the order a worker is given them, for a
-    /// job whose transfer set has `shards` shards.
-    fn inputs(&self, shards: usize) -> Vec<ArtifactName>;
+    /// The artifacts it reads, in the order a worker is given them, in a
+    /// job laid out as `job` says.
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName>;
 
     /// The artifact its output is stored as.
     fn output(&self) -> ArtifactName;
@@ -204,10 +292,10 @@ impl TaskSpec {
         }
     }
 
-    /// The artifacts it reads, in the order a worker is given them, for a
-    /// job whose transfer set has `shards` shards.
-    pub fn inputs(&self, shards: usize) -> Vec<ArtifactName> {
-        self.kind().inputs(shards)
+    /// The artifacts it reads, in the order a worker is given them, in a
+    /// job laid out as `job` says.
+    pub fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        self.kind().inputs(job)
     }
 
     /// The artifact its output is stored as.
@@ -291,7 +379,7 @@ fn load_model_file(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Resu
 /// classes (to train from its weights).
 fn load_mlp(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp> {
     let Model::Mlp(mlp) = load_model_file(inputs, name, device)?;
-    mlp.spec().ensure_fits(name, &inputs.splits.train)?;
+    mlp.spec().ensure_fits(name, inputs.data.train)?;
     Ok(mlp)
 }
 
@@ -299,9 +387,7 @@ fn load_mlp(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Mlp>
 /// classes, ready to give logits on `device`.
 fn load_model(inputs: &TaskInputs<'_>, name: &str, device: &Device) -> Result<Box<dyn Logits>> {
     let model = load_model_file(inputs, name, device)?;
-    model
-        .architecture()
-        .ensure_fits(name, &inputs.splits.train)?;
+    model.architecture().ensure_fits(name, inputs.data.train)?;
     model.into_logits(device)
 }
 

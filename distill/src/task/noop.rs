@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use common::artifact::ArtifactName;
 
-use super::{Checked, Run, TaskKind, TaskOutput};
+use super::{Checked, JobLayout, Run, TaskKind, TaskOutput};
 use crate::Result;
 
 /// A task that does nothing (for load tests).
@@ -30,7 +30,7 @@ impl NoopTask {
 
 impl TaskKind for NoopTask {
     /// Nothing.
-    fn inputs(&self, _: usize) -> Vec<ArtifactName> {
+    fn inputs(&self, _: &JobLayout<'_>) -> Vec<ArtifactName> {
         Vec::new()
     }
 

@@ -8,10 +8,11 @@ use common::artifact::ArtifactName;
 use serde::{Deserialize, Serialize};
 
 use super::train::TrainSummary;
-use super::{load_mlp, Run, TaskKind, TaskOutput};
+use super::{dataset_inputs, load_mlp, JobLayout, Run, TaskKind, TaskOutput};
 use crate::hparams::TrainConfig;
 use crate::specialists::specialist::train_specialist;
 use crate::{model_io, Error, Result};
+use common::dataset::shard::Split;
 
 /// Train specialist `index` of the clusters file, started from the
 /// generalist's weights.
@@ -47,13 +48,13 @@ pub struct SpecialistSummary {
 }
 
 impl TaskKind for SpecialistTask {
-    /// The dataset, the generalist and the clusters.
-    fn inputs(&self, _: usize) -> Vec<ArtifactName> {
-        vec![
-            ArtifactName::Dataset,
-            ArtifactName::Model(self.generalist.clone()),
-            ArtifactName::Clusters,
-        ]
+    /// The training and validation splits, the generalist and the
+    /// clusters.
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        let mut inputs = dataset_inputs(job.dataset, job.dataset.all(Split::Train), true, false);
+        inputs.push(ArtifactName::Model(self.generalist.clone()));
+        inputs.push(ArtifactName::Clusters);
+        inputs
     }
 
     fn output(&self) -> ArtifactName {
@@ -62,7 +63,7 @@ impl TaskKind for SpecialistTask {
 
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
-        let splits = inputs.splits;
+        let data = inputs.data;
         let clusters = inputs.clusters.as_ref().ok_or_else(|| {
             Error::invalid(
                 "task inputs",
@@ -77,8 +78,15 @@ impl TaskKind for SpecialistTask {
         })?;
         let generalist = load_mlp(inputs, &self.generalist, device)?;
         let started = Instant::now();
-        let (model, training) =
-            train_specialist(&generalist, classes, splits, &self.train, device, observer)?;
+        let validation = data.validation.load_all()?;
+        let (model, training) = train_specialist(
+            &generalist,
+            classes,
+            (data.train, &validation),
+            &self.train,
+            device,
+            observer,
+        )?;
         let summary = SpecialistSummary {
             trained: TrainSummary {
                 train_seconds: started.elapsed().as_secs_f64(),
@@ -92,7 +100,7 @@ impl TaskKind for SpecialistTask {
             trained_dustbin: training.trained_dustbin,
             dustbin_correction: training.dustbin_correction,
         };
-        let payload = model_io::mlp_to_bytes(&model, splits.train.normalization())?;
+        let payload = model_io::mlp_to_bytes(&model, data.train.normalization())?;
         Ok(TaskOutput::new(payload, &summary))
     }
 }

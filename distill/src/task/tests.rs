@@ -40,7 +40,7 @@ fn splits() -> Splits {
 /// Inputs of nothing but the splits.
 fn no_inputs(splits: &Splits) -> TaskInputs<'_> {
     TaskInputs {
-        splits,
+        data: splits.into(),
         models: HashMap::new(),
         transfer_dir: None,
         clusters: None,
@@ -91,7 +91,7 @@ fn train_infer_distil_evaluate_chain_is_deterministic() {
 
     let models = HashMap::from([("teacher-0".to_string(), teacher.payload.clone())]);
     let with_teacher = TaskInputs {
-        splits: &splits,
+        data: (&splits).into(),
         models,
         transfer_dir: None,
         clusters: None,
@@ -125,7 +125,7 @@ fn train_infer_distil_evaluate_chain_is_deterministic() {
     manifest.stored(0, entry);
     common::transfer::write_manifest(dir.path(), &manifest.complete().unwrap()).unwrap();
     let distil_inputs = TaskInputs {
-        splits: &splits,
+        data: (&splits).into(),
         models: HashMap::new(),
         transfer_dir: Some(dir.path().into()),
         clusters: None,
@@ -140,7 +140,7 @@ fn train_infer_distil_evaluate_chain_is_deterministic() {
         ("student".to_string(), student.payload),
     ]);
     let eval_inputs = TaskInputs {
-        splits: &splits,
+        data: (&splits).into(),
         models,
         transfer_dir: None,
         clusters: None,

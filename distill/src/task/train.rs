@@ -10,13 +10,15 @@ use common::seed::{self, Stream};
 use common::transfer::TransferSet;
 use serde::{Deserialize, Serialize};
 
-use super::{Run, TaskKind, TaskOutput};
+use super::{dataset_inputs, JobLayout, Run, TaskKind, TaskOutput};
 use crate::eval::evaluate;
 use crate::hparams::{DistillConfig, TrainConfig};
 use crate::model::{Architecture, Mlp, ModelShape};
 use crate::subset::{kept_indices, ExampleSubset};
 use crate::train::{train_observed, EpochStats, StepProgress, Targets, TrainObserver, TrainReport};
 use crate::{model_io, Error, Result};
+use common::dataset::examples::Examples;
+use common::dataset::shard::Split;
 
 /// Train one model on hard labels, or distil it from the transfer set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,13 +56,14 @@ pub struct TrainSummary {
 }
 
 impl TaskKind for TrainTask {
-    /// The dataset, and to distil the transfer set's manifest and its
-    /// `shards` shards.
-    fn inputs(&self, shards: usize) -> Vec<ArtifactName> {
-        let mut inputs = vec![ArtifactName::Dataset];
+    /// The training and validation splits (the test split too for a test
+    /// curve), and to distil the transfer set's manifest and shards.
+    fn inputs(&self, job: &JobLayout<'_>) -> Vec<ArtifactName> {
+        let train = job.dataset.all(Split::Train);
+        let mut inputs = dataset_inputs(job.dataset, train, true, self.record_test_curve);
         if self.distill.is_some() {
             inputs.push(ArtifactName::TransferManifest);
-            inputs.extend((0..shards).map(ArtifactName::Shard));
+            inputs.extend((0..job.transfer_shards).map(ArtifactName::Shard));
         }
         inputs
     }
@@ -71,11 +74,11 @@ impl TaskKind for TrainTask {
 
     fn run(&self, run: Run<'_>) -> Result<TaskOutput> {
         let Run(inputs, device, observer) = run;
-        let splits = inputs.splits;
+        let data = inputs.data;
         // Training is written for MLPs (the fused CPU path among others).
         let Architecture::Mlp(spec) = self
             .shape
-            .for_data(splits.train.dim(), splits.train.num_classes())?;
+            .for_data(data.train.dim(), data.train.num_classes())?;
         let model = Mlp::new_random(spec, &mut seed::rng(self.train.seed, Stream::Init), device)?;
         let set = match (&self.distill, &inputs.transfer_dir) {
             (Some(_), Some(dir)) => Some(TransferSet::open(dir)?),
@@ -89,14 +92,14 @@ impl TaskKind for TrainTask {
         };
         let keep = match &self.subset {
             Some(subset) if !subset.is_everything() => {
-                Some(subset.mask(splits.train.labels(), splits.train.num_classes())?)
+                Some(subset.mask(&data.train.labels()?, data.train.num_classes())?)
             }
             _ => None,
         };
         let labelled_subset;
-        let (train_data, targets) = match (&set, &self.distill, &keep) {
+        let (train_data, targets): (&dyn Examples, _) = match (&set, &self.distill, &keep) {
             (Some(set), Some(distill), keep) => (
-                &splits.train,
+                data.train,
                 Targets::Transfer {
                     set,
                     distill,
@@ -104,20 +107,24 @@ impl TaskKind for TrainTask {
                 },
             ),
             (_, _, Some(keep)) => {
-                labelled_subset = splits.train.subset(
-                    &kept_indices(keep),
-                    format!("{}/subset", splits.train.name()),
-                );
+                labelled_subset = data
+                    .train
+                    .subset(&kept_indices(keep), format!("{}/subset", data.train.name()))?;
                 (&labelled_subset, Targets::Labels)
             }
-            (_, _, None) => (&splits.train, Targets::Labels),
+            (_, _, None) => (data.train, Targets::Labels),
         };
-        let examples = keep.as_ref().map_or(splits.train.len(), |k| {
-            k.iter().filter(|&&kept| kept).count()
-        });
+        let examples = keep
+            .as_ref()
+            .map_or(data.train.len(), |k| k.iter().filter(|&&kept| kept).count());
+        let test = match self.record_test_curve {
+            true => Some(data.test.load_all()?),
+            false => None,
+        };
+        let validation = data.validation.load_all()?;
         let mut curve = TestCurve {
             model: &model,
-            test: &splits.test,
+            test: test.as_deref(),
             device,
             inner: observer,
             errors: self.record_test_curve.then(Vec::new),
@@ -126,7 +133,7 @@ impl TaskKind for TrainTask {
         let training = train_observed(
             &model,
             train_data,
-            &splits.validation,
+            &validation,
             targets,
             &self.train,
             device,
@@ -138,7 +145,7 @@ impl TaskKind for TrainTask {
             training,
             test_errors_per_epoch: curve.errors,
         };
-        let payload = model_io::mlp_to_bytes(&model, splits.train.normalization())?;
+        let payload = model_io::mlp_to_bytes(&model, data.train.normalization())?;
         Ok(TaskOutput::new(payload, &summary))
     }
 }
@@ -147,7 +154,7 @@ impl TaskKind for TrainTask {
 /// model's test errors after every epoch.
 struct TestCurve<'a> {
     model: &'a Mlp,
-    test: &'a common::dataset::Dataset,
+    test: Option<&'a common::dataset::Dataset>,
     device: &'a Device,
     inner: &'a mut dyn TrainObserver,
     errors: Option<Vec<usize>>,
@@ -159,8 +166,8 @@ impl TrainObserver for TestCurve<'_> {
     }
 
     fn on_epoch(&mut self, stats: &EpochStats) -> Result<()> {
-        if let Some(errors) = &mut self.errors {
-            errors.push(evaluate(self.model, self.test, self.device)?.errors);
+        if let (Some(errors), Some(test)) = (&mut self.errors, self.test) {
+            errors.push(evaluate(self.model, test, self.device)?.errors);
         }
         self.inner.on_epoch(stats)
     }

@@ -1,6 +1,7 @@
 //! What must hold before training starts: the data fits the model and the
 //! targets, and a checkpoint continues this very run.
 
+use common::dataset::examples::Examples;
 use common::dataset::Dataset;
 
 use super::shards::teacher_indices;
@@ -42,7 +43,7 @@ pub(super) fn check_resumable(
 /// Checks that `model`, the splits, the targets and `cfg` fit together.
 pub(super) fn check_compatible(
     model: &Mlp,
-    train: &Dataset,
+    train: &dyn Examples,
     validation: &Dataset,
     targets: Targets<'_>,
     cfg: &TrainConfig,
@@ -52,9 +53,10 @@ pub(super) fn check_compatible(
         Targets::Enriched { classes, .. } => classes,
         _ => train.num_classes(),
     };
+    let validation_examples: &dyn Examples = validation;
     for (data, classes) in [
         (train, train_classes),
-        (validation, validation.num_classes()),
+        (validation_examples, validation.num_classes()),
     ] {
         if data.dim() != spec.input_dim || classes != spec.num_classes {
             return Err(Error::invalid(

@@ -12,9 +12,12 @@ mod checks;
 mod shards;
 mod stepper;
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use common::dataset::examples::Examples;
 use common::dataset::Dataset;
 use common::seed::{self, ChaCha8Rng, Stream};
 use common::transfer::TransferSet;
@@ -177,7 +180,7 @@ impl<F: FnMut(&EpochStats)> TrainObserver for EpochCallback<F> {
 /// model holds the weights chosen by `cfg.select`.
 pub fn train(
     model: &Mlp,
-    train: &Dataset,
+    train: &dyn Examples,
     validation: &Dataset,
     targets: Targets<'_>,
     cfg: &TrainConfig,
@@ -200,7 +203,7 @@ pub fn train(
 /// stop the run.
 pub fn train_observed(
     model: &Mlp,
-    train: &Dataset,
+    train: &dyn Examples,
     validation: &Dataset,
     targets: Targets<'_>,
     cfg: &TrainConfig,
@@ -237,7 +240,7 @@ impl StepPath {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_on_path(
     model: &Mlp,
-    train: &Dataset,
+    train: &dyn Examples,
     validation: &Dataset,
     targets: Targets<'_>,
     cfg: &TrainConfig,
@@ -254,11 +257,12 @@ pub(crate) fn train_on_path(
             var.set(&saved.to_device(device)?)?;
         }
     }
-    let steps_per_epoch = steps_per_epoch(train, targets, cfg);
+    let plan = EpochPlan::new(train, targets, cfg);
+    let epoch_steps: Vec<usize> = (1..=cfg.epochs).map(|e| plan.steps(e)).collect();
     let schedule = LrSchedule::new(
         cfg.learning_rate,
-        cfg.warmup_epochs * steps_per_epoch,
-        cfg.epochs * steps_per_epoch,
+        epoch_steps[..cfg.warmup_epochs].iter().sum(),
+        epoch_steps.iter().sum(),
         cfg.final_lr_fraction,
     )?;
     let mut step = Stepper {
@@ -286,7 +290,7 @@ pub(crate) fn train_on_path(
         let (examples_seen, shard_wait) = run_epoch(
             epoch,
             &mut step,
-            train,
+            &plan,
             &mut run.shuffle_rng,
             observer,
             started,
@@ -336,25 +340,128 @@ pub(crate) fn train_on_path(
     Ok(report)
 }
 
-/// Optimisation steps in one epoch of `targets`.
-fn steps_per_epoch(train: &Dataset, targets: Targets<'_>, cfg: &TrainConfig) -> usize {
-    match targets {
-        Targets::Labels => train.len().div_ceil(cfg.batch_size),
-        Targets::Enriched { own, rest, .. } => {
-            (own.len() + own.len().min(rest.len())).div_ceil(cfg.batch_size)
+/// How an epoch goes through the training split: its shards in an order
+/// drawn afresh each epoch (from the seed and the epoch alone, so a resumed
+/// run draws the same), [`TrainConfig::shuffle_window_shards`] at a time,
+/// the examples of a window shuffled together. A split of one shard (any
+/// dataset in memory) is shuffled whole, as if there were no shards.
+struct EpochPlan<'a> {
+    train: &'a dyn Examples,
+    targets: Targets<'a>,
+    cfg: &'a TrainConfig,
+    ranges: Vec<Range<usize>>,
+    /// For a specialist: its own examples and the others, by shard.
+    enriched: Option<(ByShard, ByShard)>,
+}
+
+impl<'a> EpochPlan<'a> {
+    fn new(train: &'a dyn Examples, targets: Targets<'a>, cfg: &'a TrainConfig) -> Self {
+        let ranges = train.shard_ranges();
+        let enriched = match targets {
+            Targets::Enriched { own, rest, .. } => {
+                Some((by_shard(own, &ranges), by_shard(rest, &ranges)))
+            }
+            _ => None,
+        };
+        EpochPlan {
+            train,
+            targets,
+            cfg,
+            ranges,
+            enriched,
         }
-        Targets::Transfer { set, .. } => set
-            .manifest()
-            .shards
-            .iter()
-            .map(|s| {
-                let kept = (s.start..s.start + s.rows)
-                    .filter(|&i| targets.keeps(i))
-                    .count();
-                kept.div_ceil(cfg.batch_size)
-            })
-            .sum(),
     }
+
+    /// The windows of `epoch`: groups of shard indices.
+    fn windows(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.ranges.len()).collect();
+        let epoch_seed = self.cfg.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        order.shuffle(&mut seed::rng(epoch_seed, Stream::ShardOrder));
+        order
+            .chunks(self.cfg.shuffle_window_shards)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// Optimisation steps in `epoch` (each window ends with its own partial
+    /// batch; a transfer set's shards are the windows when distilling).
+    fn steps(&self, epoch: usize) -> usize {
+        let batch = self.cfg.batch_size;
+        match (self.targets, &self.enriched) {
+            (Targets::Transfer { set, .. }, _) => set
+                .manifest()
+                .shards
+                .iter()
+                .map(|s| {
+                    let kept = (s.start..s.start + s.rows)
+                        .filter(|&i| self.targets.keeps(i))
+                        .count();
+                    kept.div_ceil(batch)
+                })
+                .sum(),
+            (_, Some((own, rest))) => self
+                .windows(epoch)
+                .iter()
+                .map(|w| {
+                    let own: usize = w.iter().map(|&s| own[s].len()).sum();
+                    let rest: usize = w.iter().map(|&s| rest[s].len()).sum();
+                    (own + own.min(rest)).div_ceil(batch)
+                })
+                .sum(),
+            _ => self
+                .windows(epoch)
+                .iter()
+                .map(|w| {
+                    w.iter()
+                        .map(|&s| self.ranges[s].len())
+                        .sum::<usize>()
+                        .div_ceil(batch)
+                })
+                .sum(),
+        }
+    }
+
+    /// `indices` (of the split) that fall in `window`'s shards, as indices
+    /// into the window's examples (its shards one after the other).
+    fn local(&self, window: &[usize], by_shard: &[Vec<usize>]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for &s in window {
+            let start = self.ranges[s].start;
+            out.extend(by_shard[s].iter().map(|&i| base + i - start));
+            base += self.ranges[s].len();
+        }
+        out
+    }
+
+    /// `labels` (one per example of the split) of `window`'s examples.
+    fn window_labels<'l>(&self, window: &[usize], labels: &'l [u32]) -> Cow<'l, [u32]> {
+        match window {
+            [only] if self.ranges[*only] == (0..labels.len()) => Cow::Borrowed(labels),
+            _ => Cow::Owned(
+                window
+                    .iter()
+                    .flat_map(|&s| labels[self.ranges[s].clone()].iter().copied())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Example indices of a split, one list per shard.
+type ByShard = Vec<Vec<usize>>;
+
+/// `indices` (ascending or not) grouped by the shard of `ranges` holding
+/// each, keeping their order.
+fn by_shard(indices: &[usize], ranges: &[Range<usize>]) -> ByShard {
+    let mut out = vec![Vec::new(); ranges.len()];
+    for &i in indices {
+        let s = ranges.partition_point(|r| r.end <= i);
+        if let Some(bucket) = out.get_mut(s) {
+            bucket.push(i);
+        }
+    }
+    out
 }
 
 /// What computes the steps on `path`, with a fresh optimizer.
@@ -385,12 +492,12 @@ fn engine(model: &Mlp, cfg: &TrainConfig, path: StepPath) -> Result<Engine> {
 fn run_epoch(
     epoch: usize,
     step: &mut Stepper<'_>,
-    train: &Dataset,
+    plan: &EpochPlan<'_>,
     shuffle_rng: &mut ChaCha8Rng,
     observer: &mut dyn TrainObserver,
     started: Instant,
 ) -> Result<(usize, Duration)> {
-    let (cfg, targets) = (step.cfg, step.targets);
+    let (cfg, targets, train) = (step.cfg, step.targets, plan.train);
     let mut examples_seen = 0usize;
     let mut shard_wait = Duration::ZERO;
     let mut after_step = |step: &Stepper<'_>, rows: usize| {
@@ -405,38 +512,49 @@ fn run_epoch(
     };
     match targets {
         Targets::Labels => {
-            let mut order: Vec<usize> = (0..train.len()).collect();
-            order.shuffle(shuffle_rng);
-            for chunk in order.chunks(cfg.batch_size) {
-                step.run(gather(train, train.labels(), chunk, None))?;
-                after_step(step, chunk.len())?;
+            for window in plan.windows(epoch) {
+                let data = train.load_shards(&window)?;
+                let mut order: Vec<usize> = (0..data.len()).collect();
+                order.shuffle(shuffle_rng);
+                for chunk in order.chunks(cfg.batch_size) {
+                    step.run(gather(&data, data.labels(), chunk, None))?;
+                    after_step(step, chunk.len())?;
+                }
             }
         }
-        Targets::Enriched {
-            labels, own, rest, ..
-        } => {
-            let drawn = own.len().min(rest.len());
-            let mut order: Vec<usize> = own.to_vec();
-            order.extend(rest.choose_multiple(shuffle_rng, drawn).copied());
-            order.shuffle(shuffle_rng);
-            for chunk in order.chunks(cfg.batch_size) {
-                step.run(gather(train, labels, chunk, None))?;
-                after_step(step, chunk.len())?;
+        Targets::Enriched { labels, .. } => {
+            let (own, rest) = plan.enriched.as_ref().expect("planned for a specialist");
+            for window in plan.windows(epoch) {
+                let own = plan.local(&window, own);
+                let rest = plan.local(&window, rest);
+                let drawn = own.len().min(rest.len());
+                let mut order = own;
+                order.extend(rest.choose_multiple(shuffle_rng, drawn).copied());
+                order.shuffle(shuffle_rng);
+                let data = train.load_shards(&window)?;
+                let labels = plan.window_labels(&window, labels);
+                for chunk in order.chunks(cfg.batch_size) {
+                    step.run(gather(&data, &labels, chunk, None))?;
+                    after_step(step, chunk.len())?;
+                }
             }
         }
         Targets::Transfer { set, distill, .. } => {
             let mut shard_order: Vec<usize> = (0..set.num_shards()).collect();
             shard_order.shuffle(shuffle_rng);
             shard_wait = for_each_prefetched_shard(set, distill, &shard_order, |shard, soft| {
+                let (data, offset) =
+                    train.load_range(shard.start()..shard.start() + shard.rows())?;
                 let mut rows: Vec<usize> = (0..shard.rows())
                     .filter(|&r| targets.keeps(shard.start() + r))
                     .collect();
                 rows.shuffle(shuffle_rng);
                 for chunk in rows.chunks(cfg.batch_size) {
-                    let indices: Vec<usize> = chunk.iter().map(|r| shard.start() + r).collect();
+                    let indices: Vec<usize> =
+                        chunk.iter().map(|r| shard.start() + r - offset).collect();
                     step.run(gather(
-                        train,
-                        train.labels(),
+                        &data,
+                        data.labels(),
                         &indices,
                         Some((soft, chunk, shard.num_classes())),
                     ))?;
