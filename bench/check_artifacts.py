@@ -3,7 +3,7 @@
 
 Given the output folder of `mnist_paper` (report.json, *.safetensors models,
 transfer-<fingerprint>/) or of a cluster job (report.json, models/,
-transfer/, dataset.safetensors with the splits), it
+transfer/, dataset/ with the splits in shards and their index.json), it
   * loads each model file, checks its metadata, runs its forward pass in
     numpy on the MNIST test set and compares the error count with the one
     in report.json (they must agree exactly, up to float ties);
@@ -86,20 +86,33 @@ def check_transfer_set(folder):
     return len(manifest["shards"]), rows
 
 
-def load_test_split(bundle):
-    """The test split of a cluster job's dataset.safetensors."""
-    with safe_open(str(bundle), framework="numpy") as f:
-        meta = f.metadata()
-    assert meta["format"] == "distill-dataset/1", meta
-    tensors = load_file(str(bundle))
-    x = tensors["test.features"]
-    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
-    return x, tensors["test.labels"].astype(np.int64)
+def load_split(out, split):
+    """A split of a cluster job's dataset: its shards (listed, with their
+    sha256, in dataset/index.json) verified and stacked."""
+    index = json.loads((out / "dataset" / "index.json").read_text())
+    assert index["format"] == "distill-dataset-index/1", index["format"]
+    xs, ys, start = [], [], 0
+    for shard in index[split]["shards"]:
+        path = out / shard["key"]
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"], f"{path}: checksum"
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata()
+        assert meta["format"] == "distill-dataset-shard/1", meta
+        assert (meta["split"], int(meta["start"])) == (split, start), meta
+        tensors = load_file(str(path))
+        x = tensors["features"]
+        xs.append(x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64))
+        ys.append(tensors["labels"].astype(np.int64))
+        assert len(ys[-1]) == shard["rows"] and xs[-1].shape == (shard["rows"], index["dim"])
+        start += shard["rows"]
+    assert start == index[split]["len"]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def check_cluster_output(out):
     report = json.loads((out / "report.json").read_text())
-    x, labels = load_test_split(out / "dataset.safetensors")
+    x, labels = load_split(out, "test")
     assert report["test_examples"] == len(labels)
     assert sum(m["primary"] for m in report["models"]) == 1
     clusters_file = out / "specialists" / "clusters.json"
@@ -126,7 +139,7 @@ def check_cluster_output(out):
 
 def main():
     out = Path(sys.argv[1])
-    if (out / "dataset.safetensors").exists():
+    if (out / "dataset" / "index.json").exists():
         return check_cluster_output(out)
     mnist = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(
         os.environ.get("DATASETS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets")

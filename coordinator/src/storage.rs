@@ -95,7 +95,9 @@ pub async fn remove_earlier_run(
         let ours = match storage {
             StorageConfig::S3(_) => true,
             StorageConfig::Local => {
-                ArtifactName::from_key(&key).is_ok() || key == REPORT_JSON || key == REPORT_MD
+                // `dataset.safetensors`: the one-file dataset of earlier versions.
+                ArtifactName::from_key(&key).is_ok()
+                    || [REPORT_JSON, REPORT_MD, "dataset.safetensors"].contains(&key.as_str())
             }
         };
         if ours {

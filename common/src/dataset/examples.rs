@@ -197,10 +197,7 @@ impl Examples for Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::shard::{
-        encode_shard, DatasetIndex, ShardInfo, ShardPlace, ShardedSplit, Split, SplitIndex,
-        INDEX_FORMAT,
-    };
+    use crate::dataset::shard::{ShardedSplit, Split};
 
     fn data(n: usize) -> Dataset {
         Dataset::new(
@@ -215,57 +212,11 @@ mod tests {
         .unwrap()
     }
 
-    /// `d` written as shards of `rows` into `dir`, as its training split.
-    /// (With `given`, the shard files are handed over.)
-    fn sharded(d: &Dataset, rows: usize, dir: &std::path::Path, given: bool) -> ShardedSplit {
-        let mut shards = Vec::new();
-        let mut files = Vec::new();
-        for (i, r) in crate::dataset::chunk_ranges(d.len(), rows)
-            .unwrap()
-            .into_iter()
-            .enumerate()
-        {
-            let place = ShardPlace {
-                split: Split::Train,
-                start: r.start,
-            };
-            let bytes = encode_shard(place, &d.slice(r.clone()).unwrap()).unwrap();
-            let path = dir.join(format!("{i}"));
-            std::fs::write(&path, &bytes).unwrap();
-            files.push(given.then_some(path));
-            shards.push(ShardInfo {
-                start: r.start,
-                rows: r.len(),
-                key: format!("k{i}"),
-                sha256: String::new(),
-                size: bytes.len() as u64,
-            });
-        }
-        let split = |shards| SplitIndex {
-            name: "d".into(),
-            len: d.len(),
-            fingerprint: d.fingerprint(),
-            shards,
-        };
-        let index = DatasetIndex {
-            format: INDEX_FORMAT.into(),
-            dim: 2,
-            num_classes: 3,
-            image_shape: None,
-            normalization: Normalization::Identity,
-            shard_examples: rows,
-            train: split(shards),
-            validation: split(Vec::new()),
-            test: split(Vec::new()),
-        };
-        ShardedSplit::new(&index, Split::Train, files).unwrap()
-    }
-
     #[test]
     fn sharded_and_in_memory_splits_read_the_same() {
         let dir = tempfile::tempdir().unwrap();
         let d = data(10);
-        let s = sharded(&d, 4, dir.path(), true);
+        let s = ShardedSplit::write(&d, Split::Train, 4, dir.path()).unwrap();
         assert_eq!(s.shard_ranges(), [0..4, 4..8, 8..10]);
         assert_eq!(&*Examples::labels(&s).unwrap(), d.labels());
         assert_eq!(s.load_all().unwrap().features(), d.features());
@@ -282,9 +233,14 @@ mod tests {
     fn a_shard_not_given_or_out_of_range_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let d = data(10);
-        let s = sharded(&d, 4, dir.path(), false);
+        let s = ShardedSplit::write(&d, Split::Train, 4, dir.path())
+            .unwrap()
+            .only(&[0]);
         let e = s.shard(1).unwrap_err().to_string();
-        assert!(e.contains("k1") && e.contains("not among"), "{e}");
+        assert!(
+            e.contains("dataset/train/shard-00001") && e.contains("not among"),
+            "{e}"
+        );
         assert!(s.load_range(3..11).is_err());
         assert!(Examples::subset(&d, &[3, 10], "x".into()).is_err());
     }

@@ -421,6 +421,63 @@ impl ShardedSplit {
     }
 }
 
+impl ShardedSplit {
+    /// Writes `data` as `split`'s shards of `rows` examples into `dir` and
+    /// reads them back as a sharded split (for tests and tools; a job's
+    /// shards come from [`ShardWriter`]).
+    pub fn write(data: &Dataset, split: Split, rows: usize, dir: &Path) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut files = Vec::new();
+        for (i, r) in chunk_ranges(data.len(), rows)?.into_iter().enumerate() {
+            let place = ShardPlace {
+                split,
+                start: r.start,
+            };
+            let bytes = encode_shard(place, &data.slice(r.clone())?)?;
+            let key = shard_key(split, i);
+            let path = dir.join(key.replace('/', "_"));
+            std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
+            files.push(Some(path));
+            shards.push(ShardInfo {
+                start: r.start,
+                rows: r.len(),
+                key,
+                sha256: crate::checksum::sha256_hex(&bytes),
+                size: bytes.len() as u64,
+            });
+        }
+        let index = SplitIndex {
+            name: data.name.clone(),
+            len: data.len(),
+            fingerprint: data.fingerprint(),
+            shards,
+        };
+        Ok(ShardedSplit {
+            split,
+            index,
+            dim: data.dim,
+            num_classes: data.num_classes,
+            image_shape: data.image_shape,
+            normalization: data.normalization,
+            files,
+        })
+    }
+
+    /// The same split with only the shards at `given` readable.
+    pub fn only(&self, given: &[usize]) -> Self {
+        let files = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.clone().filter(|_| given.contains(&i)))
+            .collect();
+        ShardedSplit {
+            files,
+            ..self.clone()
+        }
+    }
+}
+
 impl Examples for ShardedSplit {
     fn name(&self) -> &str {
         &self.index.name
