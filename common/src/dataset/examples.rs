@@ -59,25 +59,9 @@ pub trait Examples: Send + Sync {
     /// The shards that hold `range`, loaded, and the index of their first
     /// example: example `i` of `range` is example `i - offset` of the data.
     fn load_range(&self, range: Range<usize>) -> Result<(Cow<'_, Dataset>, usize)> {
-        if range.start > range.end || range.end > self.len() {
-            return Err(Error::invalid(
-                "example range",
-                format!(
-                    "{}..{} of {} ({} examples)",
-                    range.start,
-                    range.end,
-                    self.name(),
-                    self.len()
-                ),
-            ));
-        }
+        super::check_range(&range, self.name(), self.len())?;
         let ranges = self.shard_ranges();
-        let needed: Vec<usize> = ranges
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.start < range.end && range.start < r.end)
-            .map(|(i, _)| i)
-            .collect();
+        let needed = super::overlapping(&ranges, &range);
         let offset = needed.first().map_or(0, |&i| ranges[i].start);
         if needed.is_empty() {
             return Ok((Cow::Owned(Dataset::empty_shape(self)?), offset));

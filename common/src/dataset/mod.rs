@@ -177,18 +177,7 @@ impl Dataset {
 
     /// The examples in `range` (an index-range shard).
     pub fn slice(&self, range: Range<usize>) -> Result<Dataset> {
-        if range.start > range.end || range.end > self.len() {
-            return Err(Error::invalid(
-                "example range",
-                format!(
-                    "{}..{} of {} ({} examples)",
-                    range.start,
-                    range.end,
-                    self.name,
-                    self.len()
-                ),
-            ));
-        }
+        check_range(&range, &self.name, self.len())?;
         Ok(Dataset {
             name: format!("{}[{}..{}]", self.name, range.start, range.end),
             features: self.features[range.start * self.dim..range.end * self.dim].to_vec(),
@@ -285,6 +274,28 @@ impl Dataset {
             normalization: self.normalization,
         }
     }
+}
+
+/// Checks that `range` lies within the `len` examples of `name`.
+fn check_range(range: &Range<usize>, name: &str, len: usize) -> Result<()> {
+    if range.start > range.end || range.end > len {
+        return Err(Error::invalid(
+            "example range",
+            format!("{}..{} of {name} ({len} examples)", range.start, range.end),
+        ));
+    }
+    Ok(())
+}
+
+/// The indices of the `shards` (example ranges) that hold some of
+/// `examples`.
+pub fn overlapping(shards: &[Range<usize>], examples: &Range<usize>) -> Vec<usize> {
+    shards
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.start < examples.end && examples.start < r.end)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Which of `len` examples [`Dataset::split_validation`] holds out for

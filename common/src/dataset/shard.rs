@@ -367,12 +367,7 @@ impl DatasetLayout {
 
     /// The indices of `split`'s shards that hold some of `examples`.
     pub fn overlapping(&self, split: Split, examples: Range<usize>) -> Vec<usize> {
-        self.ranges(split)
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.start < examples.end && examples.start < r.end)
-            .map(|(i, _)| i)
-            .collect()
+        super::overlapping(self.ranges(split), &examples)
     }
 
     /// The indices of all of `split`'s shards.
