@@ -7,6 +7,7 @@
 
 pub mod examples;
 pub mod idx;
+pub mod npy;
 pub mod shard;
 pub mod source;
 pub mod stream;
