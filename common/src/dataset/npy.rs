@@ -53,11 +53,6 @@ impl Element {
         }
     }
 
-    /// True for the integer types.
-    pub fn is_integer(self) -> bool {
-        !matches!(self, Element::F16 | Element::F32 | Element::F64)
-    }
-
     /// NumPy's name for it (`float32`, `uint8`, ...).
     pub fn numpy_name(self) -> &'static str {
         match self {
@@ -165,26 +160,14 @@ impl ArrayReader {
         &self.header
     }
 
-    /// The name it is reported under.
-    pub fn name(&self) -> &Path {
-        &self.name
-    }
-
     /// The next at most `rows` rows, every element as `f64`; empty at
     /// the end. A file that ends early is an error naming its shape.
     pub fn next_rows(&mut self, rows: usize) -> Result<Vec<f64>> {
         let rows = rows.min(self.rows_left);
         let size = self.header.element.size();
         let mut bytes = vec![0u8; rows * self.header.row_len() * size];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            match self.reader.read(&mut bytes[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::format(&self.name, format!("cannot read: {e}"))),
-            }
-        }
+        let filled = super::stream::read_full(&mut self.reader, &mut bytes)
+            .map_err(|e| Error::format(&self.name, format!("cannot read: {e}")))?;
         if filled < bytes.len() {
             return Err(Error::format(
                 &self.name,
